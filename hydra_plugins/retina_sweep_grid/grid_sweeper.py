@@ -1,0 +1,179 @@
+"""A Hydra sweeper for retina_sweep's paper ablations.
+
+Compared with Hydra's basic sweeper it
+- expands the preset's `sweep.grid` (crossed) and `sweep.rows` (listed) and `sweep.seeds`,
+  together with any command-line sweep (`loss.gamma=0,1,2`);
+- composes and validates every cell before launching any, so a bad value stops the sweep before
+  work is wasted;
+- skips cells whose config hash already has a FINISHED MLflow run (unless `sweep.force=true`),
+  and says which;
+- opens one MLflow parent run for the sweep (reused when the same sweep is relaunched), makes every
+  trial its child, and closes it with a summary of the children;
+- keeps going when a trial fails, and prints one progress line per finished trial.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.plugins import Plugins
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.plugins.sweeper import Sweeper
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RetinaGridSweeperConf:
+    _target_: str = "hydra_plugins.retina_sweep_grid.grid_sweeper.RetinaGridSweeper"
+    # Trials handed to the launcher at once; null = the launcher's n_jobs (1 for the basic one).
+    max_batch_size: Any = None
+
+
+class RetinaGridSweeper(Sweeper):
+    def __init__(self, max_batch_size: int | None = None) -> None:
+        self.max_batch_size = max_batch_size
+        self.config: DictConfig | None = None
+        self.launcher = None
+        self.hydra_context: HydraContext | None = None
+
+    def setup(
+        self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
+    ) -> None:
+        self.config = config
+        self.hydra_context = hydra_context
+        self.launcher = Plugins.instance().instantiate_launcher(
+            hydra_context=hydra_context, task_function=task_function, config=config
+        )
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _split_cli(self, arguments: list[str]) -> tuple[list[str], dict[str, list[Any]]]:
+        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
+        fixed: list[str] = []
+        sweeps: dict[str, list[Any]] = {}
+        for override in parser.parse_overrides(arguments):
+            if override.is_sweep_override():
+                if override.is_discrete_sweep() or override.is_range_sweep():
+                    sweeps[override.get_key_element()] = list(override.sweep_iterator())
+                else:
+                    raise ValueError(
+                        f"{override.input_line}: interval sweeps need an optimiser "
+                        "(hydra/sweeper=optuna), not the grid sweeper"
+                    )
+            else:
+                fixed.append(override.input_line)
+        return fixed, sweeps
+
+    def _batch_size(self) -> int:
+        if self.max_batch_size:
+            return int(self.max_batch_size)
+        n_jobs = OmegaConf.select(self.config, "hydra.launcher.n_jobs", default=None)
+        return max(1, int(n_jobs)) if n_jobs else 1
+
+    # -- the sweep ---------------------------------------------------------------------------
+    def sweep(self, arguments: list[str]) -> Any:
+        from retina_sweep.config import config_hash, validate
+        from retina_sweep.sweep import ParentRun, Progress, expand_cells, finished_hashes, sweep_hash
+        from retina_sweep.tracking import client
+
+        cfg = self.config
+        fixed, cli_sweeps = self._split_cli(arguments)
+        spec = cfg.sweep
+        cells = expand_cells(
+            grid=OmegaConf.to_container(spec.grid, resolve=True) if spec.grid else None,
+            rows=OmegaConf.to_container(spec.rows, resolve=True) if spec.rows else None,
+            cli_sweeps=cli_sweeps,
+            seeds=int(spec.seeds),
+            base_seed=int(cfg.seed),
+        )
+        # Compose and validate every cell first: a bad value stops the sweep before any training.
+        loader = self.hydra_context.config_loader
+        for cell in cells:
+            trial_cfg = loader.load_sweep_config(
+                master_config=cfg, sweep_overrides=fixed + cell.override_list()
+            )
+            validate(trial_cfg)
+            cell.config_hash = config_hash(trial_cfg)
+
+        sweep_dir = Path(cfg.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, sweep_dir / "multirun.yaml")
+
+        tracking = cfg.tracking
+        mlf = client(tracking.uri) if tracking.enabled else None
+        done: dict[str, str] = {}
+        if mlf is not None and not spec.force:
+            done = finished_hashes(mlf, tracking.experiment, [c.config_hash for c in cells])
+        todo = [c for c in cells if c.config_hash not in done]
+        skipped = [c for c in cells if c.config_hash in done]
+        name = spec.name or "multirun"
+        print(
+            f"[{name}] {len(cells)} trials: {len(todo)} to run, {len(skipped)} already finished"
+            + (" (sweep.force=true recomputes them)" if skipped else "")
+        )
+        for c in skipped:
+            print(f"[{name}] skip {c.label} seed={c.seed}: finished run {done[c.config_hash]}")
+
+        parent = None
+        if mlf is not None:
+            definition = {
+                "name": spec.name,
+                "table": spec.table,
+                "arguments": list(arguments),
+                "grid": OmegaConf.to_container(spec.grid, resolve=True),
+                "rows": OmegaConf.to_container(spec.rows, resolve=True),
+                "seeds": int(spec.seeds),
+                "cells": [
+                    {"label": c.label, "seed": c.seed, "config_hash": c.config_hash}
+                    for c in cells
+                ],
+            }
+            parent = ParentRun.open(
+                mlf,
+                tracking.experiment,
+                name=spec.name,
+                table=spec.table,
+                shash=sweep_hash(spec.name, [c.config_hash for c in cells]),
+                definition=definition,
+            )
+            for c in todo:
+                c.extra.append(f"tracking.parent_run_id={parent.run_id}")
+
+        progress = Progress(len(todo), name=name)
+        returns: list[list[JobReturn]] = []
+        batch_size = self._batch_size()
+        status = "FINISHED"
+        try:
+            for start in range(0, len(todo), batch_size):
+                chunk = todo[start : start + batch_size]
+                batch = [fixed + c.override_list() for c in chunk]
+                results = self.launcher.launch(batch, initial_job_idx=start)
+                for cell, result in zip(chunk, results, strict=True):
+                    if result.status == JobStatus.COMPLETED:
+                        value, state = result.return_value, "done"
+                    else:
+                        value, state = None, "FAILED"
+                        log.error("trial %s failed: %r", cell.label, result._return_value)
+                    progress.update(f"{cell.label} seed={cell.seed}", _as_float(value), state)
+                returns.append(list(results))
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            if parent is not None:
+                summary = parent.close(status=status)
+                print(f"[{name}] MLflow parent run {parent.run_id}: {summary}")
+        return returns
+
+
+def _as_float(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None

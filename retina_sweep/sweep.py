@@ -1,0 +1,288 @@
+"""Sweep machinery shared by the Hydra sweepers of retina_sweep (grid and Optuna).
+
+A sweep preset (`conf/sweep/*.yaml`) describes its cells as data:
+
+    sweep:
+      name: anchors
+      table: 1c
+      grid:                      # crossed: every combination (a product)
+        loss.alpha: [0.25, 0.5]
+      rows:                      # listed: one cell per row, not crossed with each other
+        - {model.anchors.scales_per_octave: 1, model.anchors.aspect_ratios: [1.0]}
+        - {model.anchors.scales_per_octave: 3, model.anchors.aspect_ratios: [0.5, 1.0, 2.0]}
+
+Cells = (command-line sweeps) x grid x rows, each repeated for `sweep.seeds` seeds. A key may
+also be a config group (`loss: [focal, ohem]`). This module turns that into Hydra override lists,
+finds the cells that already have a FINISHED MLflow run (resume), and keeps the sweep's MLflow
+parent run: created when the sweep starts, reused when the same sweep is launched again, closed
+with a summary of its children.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "Cell",
+    "format_value",
+    "expand_cells",
+    "finished_hashes",
+    "ParentRun",
+    "Progress",
+]
+
+_PLAIN = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-./]*$")
+
+
+def format_value(value: Any) -> str:
+    """A Python value as Hydra override syntax (`[0.5,1.0]`, `null`, `true`, `'a b'`)."""
+    if isinstance(value, DictConfig | ListConfig):
+        value = OmegaConf.to_container(value, resolve=True)
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(format_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return "{" + ",".join(f"{k}:{format_value(v)}" for k, v in value.items()) + "}"
+    text = str(value)
+    if _PLAIN.match(text) and text not in ("null", "true", "false"):
+        return text
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _short(key: str) -> str:
+    return key.rsplit(".", 1)[-1]
+
+
+@dataclass
+class Cell:
+    """One trial of a sweep: its overrides (beyond the base command line) and a label."""
+
+    overrides: dict[str, Any]
+    seed: int
+    label: str = ""
+    config_hash: str | None = None
+    extra: list[str] = field(default_factory=list)
+
+    def override_list(self) -> list[str]:
+        out = [f"{k}={format_value(v)}" for k, v in self.overrides.items()]
+        return out + [f"seed={self.seed}", f"sweep.cell={format_value(self.label)}"] + self.extra
+
+
+def expand_cells(
+    *,
+    grid: Mapping[str, Sequence[Any]] | None,
+    rows: Sequence[Mapping[str, Any]] | None,
+    cli_sweeps: Mapping[str, Sequence[Any]] | None = None,
+    seeds: int = 1,
+    base_seed: int = 0,
+) -> list[Cell]:
+    """All cells of a sweep in a stable order: cli x grid x rows, then seeds innermost.
+
+    Config-group keys (no dot, e.g. `loss`) are put first in each cell so that Hydra selects the
+    group before the keys inside it are set.
+    """
+    axes: list[tuple[str, list[Any]]] = []
+    for source in (cli_sweeps or {}, grid or {}):
+        for k, values in source.items():
+            values = list(values)
+            if not values:
+                raise ValueError(f"sweep axis {k} has no values")
+            axes.append((k, values))
+    row_list = [dict(r) for r in (rows or [])] or [{}]
+    if seeds < 1:
+        raise ValueError(f"sweep.seeds must be >= 1, got {seeds}")
+    cells: list[Cell] = []
+    for combo in itertools.product(*[v for _, v in axes]) if axes else [()]:
+        for row in row_list:
+            overrides: dict[str, Any] = {}
+            for (k, _), v in zip(axes, combo, strict=True):
+                overrides[k] = v
+            for k, v in row.items():
+                if k in overrides:
+                    raise ValueError(f"sweep key {k} is both a grid axis and in a row")
+                overrides[k] = v
+            overrides = dict(sorted(overrides.items(), key=lambda kv: "." in kv[0]))
+            label = ",".join(f"{_short(k)}={format_value(v)}" for k, v in overrides.items())
+            for s in range(seeds):
+                cells.append(Cell(overrides=overrides, seed=base_seed + s, label=label or "base"))
+    return cells
+
+
+def finished_hashes(
+    mlf, experiment: str, hashes: Iterable[str], *, include_diverged: bool = True
+) -> dict[str, str]:
+    """config hash -> run id of a FINISHED run with that hash, in `experiment`."""
+    hashes = sorted(set(hashes))
+    exp = mlf.get_experiment_by_name(experiment)
+    if exp is None or not hashes:
+        return {}
+    found: dict[str, str] = {}
+    for i in range(0, len(hashes), 50):
+        chunk = hashes[i : i + 50]
+        quoted = ", ".join(f"'{h}'" for h in chunk)
+        runs = mlf.search_runs(
+            [exp.experiment_id],
+            filter_string=f"tags.config_hash IN ({quoted}) AND attributes.status = 'FINISHED'",
+            max_results=5000,
+        )
+        for r in runs:
+            if not include_diverged and r.data.tags.get("outcome") == "diverged":
+                continue
+            found.setdefault(r.data.tags["config_hash"], r.info.run_id)
+    return found
+
+
+def sweep_hash(name: str | None, hashes: Sequence[str]) -> str:
+    blob = json.dumps([name, sorted(hashes)])
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class ParentRun:
+    """The MLflow parent run of a sweep; every trial is its child (`mlflow.parentRunId`)."""
+
+    def __init__(self, mlf, experiment_id: str, run_id: str) -> None:
+        self.mlf = mlf
+        self.experiment_id = experiment_id
+        self.run_id = run_id
+
+    @classmethod
+    def open(
+        cls,
+        mlf,
+        experiment: str,
+        *,
+        name: str | None,
+        table: str | None,
+        shash: str,
+        definition: Mapping[str, Any],
+        kind: str = "grid",
+    ) -> ParentRun:
+        """Reuse the parent of the same sweep (same cells) if there is one, else create it."""
+        from .tracking import experiment_id, git_commit, retry
+
+        exp_id = retry(lambda: experiment_id(mlf, experiment))
+        existing = mlf.search_runs(
+            [exp_id],
+            filter_string=f"tags.sweep_hash = '{shash}' AND tags.is_parent = 'true'",
+            max_results=1,
+            order_by=["attributes.start_time DESC"],
+        )
+        if existing:
+            run_id = existing[0].info.run_id
+            retry(lambda: mlf.update_run(run_id, status="RUNNING"))
+            log.info("resuming sweep %s in its MLflow parent run %s", name, run_id)
+            return cls(mlf, exp_id, run_id)
+        tags = {
+            "is_parent": "true",
+            "sweep": name or "",
+            "table": table or "",
+            "sweep_hash": shash,
+            "sweeper": kind,
+        }
+        commit = git_commit()
+        if commit:
+            tags["git_commit"] = commit
+        run = retry(
+            lambda: mlf.create_run(exp_id, run_name=f"sweep:{name or 'multirun'}", tags=tags)
+        )
+        parent = cls(mlf, exp_id, run.info.run_id)
+        retry(lambda: mlf.log_dict(parent.run_id, dict(definition), "sweep/definition.json"))
+        return parent
+
+    def children(self) -> list[Any]:
+        return self.mlf.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{self.run_id}'",
+            max_results=10000,
+        )
+
+    def summarize(self, metric: str = "AP") -> dict[str, Any]:
+        """Counts of the children by status and outcome, and the best `metric` among them."""
+        counts: dict[str, int] = {}
+        outcomes: dict[str, int] = {}
+        best, best_run = -math.inf, None
+        for r in self.children():
+            counts[r.info.status] = counts.get(r.info.status, 0) + 1
+            out = r.data.tags.get("outcome", "unknown")
+            outcomes[out] = outcomes.get(out, 0) + 1
+            value = r.data.metrics.get(metric)
+            if value is not None and not math.isnan(value) and value > best:
+                best, best_run = value, r
+        summary = {
+            "children": sum(counts.values()),
+            "status": counts,
+            "outcome": outcomes,
+            f"best_{metric}": None if best_run is None else best,
+            "best_run_id": None if best_run is None else best_run.info.run_id,
+            "best_cell": None if best_run is None else best_run.data.tags.get("cell"),
+        }
+        return summary
+
+    def close(self, status: str = "FINISHED", metric: str = "AP") -> dict[str, Any]:
+        from mlflow.entities import Metric, RunTag
+
+        from .tracking import retry
+
+        summary = self.summarize(metric)
+        now = int(time.time() * 1000)
+        metrics = [Metric(f"n_{k.lower()}", float(v), now, 0) for k, v in summary["status"].items()]
+        metrics += [Metric(f"n_{k}", float(v), now, 0) for k, v in summary["outcome"].items()]
+        if summary[f"best_{metric}"] is not None:
+            metrics.append(Metric(f"best_{metric}", float(summary[f"best_{metric}"]), now, 0))
+        tags = [RunTag("best_cell", str(summary["best_cell"]))] if summary["best_cell"] else []
+        retry(lambda: self.mlf.log_batch(self.run_id, metrics=metrics, tags=tags))
+        retry(lambda: self.mlf.log_dict(self.run_id, summary, "sweep/summary.json"))
+        retry(lambda: self.mlf.set_terminated(self.run_id, status=status))
+        return summary
+
+
+class Progress:
+    """One line per finished trial: `[k/N] cell: AP=.. | elapsed .. | ETA ..`."""
+
+    def __init__(self, total: int, *, name: str | None = None, echo=print) -> None:
+        self.total = total
+        self.done = 0
+        self.start = time.perf_counter()
+        self.name = name or "sweep"
+        self.echo = echo
+
+    def update(self, label: str, value: float | None, status: str) -> str:
+        self.done += 1
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / self.done * (self.total - self.done)
+        ap = "n/a" if value is None or math.isnan(value) else f"{value:.2f}"
+        line = (
+            f"[{self.name} {self.done}/{self.total}] {label}: {status} AP={ap} | "
+            f"elapsed {_fmt_time(elapsed)} | ETA {_fmt_time(eta)}"
+        )
+        self.echo(line)
+        return line
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"

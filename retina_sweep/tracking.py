@@ -1,0 +1,229 @@
+"""MLflow tracking of one trial.
+
+Everything goes through `MlflowClient` (no fluent global state), so several trials in one
+process (Hydra's basic launcher) or in parallel processes (joblib) never share a "current run".
+
+Conventions that the sweeper and the report rely on:
+- tags: `config_hash` (trial identity, see `retina_sweep.config.config_hash`), `sweep`, `table`,
+  `cell`, `seed`, `outcome` (completed | diverged | pruned | failed | killed), `git_commit`,
+  and `mlflow.parentRunId` for a trial of a sweep;
+- status: FINISHED for a completed or diverged trial (a divergence is a result, and rerunning the
+  same config diverges again), FAILED for a crash (with the `error` tag), KILLED for an interrupt
+  or a pruned trial;
+- metrics are buffered and written with `log_batch`, not one database call per scalar.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+TAG_KEYS = ("config_hash", "sweep", "table", "cell", "seed", "outcome")
+
+
+def resolve_uri(uri: str | None) -> str:
+    """`uri` or MLflow's default store, made absolute so worker processes share it."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri[len("sqlite:///") :]).resolve())
+    return uri
+
+
+def retry(fn: Callable[[], T], *, attempts: int = 8, delay: float = 0.25) -> T:
+    """Call `fn`, retrying on the transient errors of a shared SQLite store ("locked")."""
+    for i in range(attempts):
+        try:
+            return fn()
+        except Exception as exc:  # MLflow wraps SQLAlchemy's OperationalError in its own types
+            text = str(exc).lower()
+            if i == attempts - 1 or not ("locked" in text or "busy" in text):
+                raise
+            time.sleep(delay * (2**i))
+    raise AssertionError("unreachable")
+
+
+def client(uri: str | None = None):
+    """An `MlflowClient` on `uri` (or the default store)."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=resolve_uri(uri))
+
+
+def experiment_id(mlf, name: str) -> str:
+    exp = mlf.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return mlf.create_experiment(name)
+    except Exception:  # another process created it first
+        exp = mlf.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def git_commit(cwd: str | os.PathLike | None = None) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=cwd or Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay whole (logged as their string)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+class RunTracker:
+    """One MLflow run for one trial; a no-op when tracking is disabled or on a non-zero rank."""
+
+    def __init__(
+        self,
+        *,
+        enabled: bool = True,
+        uri: str | None = None,
+        experiment: str = "retina_sweep",
+        run_name: str | None = None,
+        parent_run_id: str | None = None,
+        flush_every: int = 50,
+    ) -> None:
+        self.enabled = enabled
+        self.uri = resolve_uri(uri) if enabled else None
+        self.experiment = experiment
+        self.run_name = run_name
+        self.parent_run_id = parent_run_id
+        self.flush_every = flush_every
+        self.run_id: str | None = None
+        self._buffer: list[Any] = []
+        self._client = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self, *, tags: Mapping[str, Any], params: Mapping[str, Any]) -> str | None:
+        if not self.enabled:
+            return None
+        from mlflow.entities import Param, RunTag
+
+        self._client = mlf = client(self.uri)
+        exp_id = retry(lambda: experiment_id(mlf, self.experiment))
+        all_tags = {k: str(v) for k, v in tags.items() if v is not None}
+        if self.parent_run_id:
+            all_tags["mlflow.parentRunId"] = self.parent_run_id
+        commit = git_commit()
+        if commit:
+            all_tags["git_commit"] = commit
+            all_tags["mlflow.source.git.commit"] = commit
+        run = retry(lambda: mlf.create_run(exp_id, run_name=self.run_name, tags=all_tags))
+        self.run_id = run.info.run_id
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # the REST API takes at most 100 params a batch
+            chunk = items[i : i + 100]
+            retry(lambda chunk=chunk: mlf.log_batch(self.run_id, params=chunk))
+        retry(lambda: mlf.log_batch(self.run_id, tags=[RunTag("outcome", "running")]))
+        return self.run_id
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        if not self.run_id:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        for k, v in metrics.items():
+            if v is None:
+                continue
+            self._buffer.append(Metric(k, float(v), now, int(step)))
+        if len(self._buffer) >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.run_id or not self._buffer:
+            return
+        buf, self._buffer = self._buffer, []
+        for i in range(0, len(buf), 1000):
+            chunk = buf[i : i + 1000]
+            retry(lambda chunk=chunk: self._client.log_batch(self.run_id, metrics=chunk))
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        if not self.run_id:
+            return
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, str(v)) for k, v in tags.items() if v is not None]
+        retry(lambda: self._client.log_batch(self.run_id, tags=items))
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        if self.run_id:
+            retry(lambda: self._client.log_text(self.run_id, text, artifact_file))
+
+    def log_dict(self, obj: Any, artifact_file: str) -> None:
+        if self.run_id:
+            retry(lambda: self._client.log_dict(self.run_id, obj, artifact_file))
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        if self.run_id:
+            retry(lambda: self._client.log_artifact(self.run_id, str(path), artifact_path))
+
+    def finish(self, outcome: str, *, error: str | None = None, **extra_tags: Any) -> None:
+        """Flush metrics and close the run with the MLflow status that `outcome` maps to."""
+        if not self.run_id:
+            return
+        status = {
+            "completed": "FINISHED",
+            "diverged": "FINISHED",
+            "pruned": "KILLED",
+            "killed": "KILLED",
+            "failed": "FAILED",
+        }[outcome]
+        try:
+            self.flush()
+        finally:
+            tags = {"outcome": outcome, **extra_tags}
+            if error:
+                tags["error"] = error[:5000]
+            self.set_tags(tags)
+            retry(lambda: self._client.set_terminated(self.run_id, status=status))
+            log.info("MLflow run %s ended %s (%s)", self.run_id, status, outcome)
+
+
+def tracker_from_config(cfg: DictConfig, *, rank: int = 0) -> RunTracker:
+    t = cfg.tracking
+    return RunTracker(
+        enabled=bool(t.enabled) and rank == 0,
+        uri=t.uri,
+        experiment=t.experiment,
+        run_name=t.run_name or (cfg.sweep.cell if cfg.sweep.cell else None),
+        parent_run_id=t.parent_run_id,
+        flush_every=max(1, int(t.log_every)) * 4,
+    )
+
+
+def config_params(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config (without Hydra's own node) flattened into MLflow params."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    container.pop("hydra", None)
+    return flatten(container)

@@ -1,0 +1,442 @@
+"""One RetinaNet training run and its COCO evaluation: the unit every sweep trial is made of.
+
+`run(cfg)` is what `python -m retina_sweep` calls for one Hydra job. It
+
+1. validates the config (`retina_sweep.config.validate`) before anything is generated or built;
+2. opens the MLflow run (rank 0 only) with the flattened config, the trial's config hash and its
+   sweep tags;
+3. trains with the paper's recipe: SGD (momentum 0.9, weight decay 1e-4), lr scaled linearly from
+   0.01 at batch 16, linear warm-up, lr / 10 at 2/3 and 8/9 of the iterations;
+4. evaluates periodically (the values a pruner needs) and at the end with pycocotools;
+5. returns the final AP, the objective a sweeper optimises.
+
+Checkpoints are written atomically under `paths.checkpoints/<config hash>/last.pt`, so relaunching
+the same experiment resumes where it stopped. A non-finite loss ends the run as *diverged*
+(a result, MLflow status FINISHED, outcome tag `diverged`) rather than as a crash.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from .config import config_hash, validate
+from .tracking import RunTracker, config_params, tracker_from_config
+
+log = logging.getLogger(__name__)
+
+__all__ = ["run", "train", "Diverged", "TrialPruned", "lr_factor", "resolve_lr"]
+
+
+class Diverged(RuntimeError):
+    """The loss became non-finite: the run stops and is recorded as diverged."""
+
+    def __init__(self, iteration: int, losses: dict[str, float]) -> None:
+        super().__init__(f"non-finite loss at iteration {iteration}: {losses}")
+        self.iteration = iteration
+        self.losses = losses
+
+
+class TrialPruned(RuntimeError):
+    """A pruner (see `cfg.pruning`) asked the run to stop early."""
+
+    def __init__(self, iteration: int) -> None:
+        super().__init__(f"pruned at iteration {iteration}")
+        self.iteration = iteration
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedule
+# ---------------------------------------------------------------------------------------------
+def resolve_lr(train_cfg: Any) -> float:
+    """Explicit `train.lr`, else the linear scaling rule from the paper's 0.01 at batch 16."""
+    if train_cfg.get("lr") is not None:
+        return float(train_cfg.lr)
+    return float(train_cfg.base_lr) * int(train_cfg.batch_size) / int(train_cfg.base_batch_size)
+
+
+def lr_factor(
+    iteration: int,
+    *,
+    iterations: int,
+    warmup_iters: int,
+    warmup_factor: float,
+    lr_steps: list[float],
+    lr_decay: float,
+) -> float:
+    """Multiplier of the base lr at `iteration`: linear warm-up times step decay.
+
+    Steps are fractions of `iterations` (the paper: 60k and 80k of 90k = 2/3 and 8/9).
+    """
+    factor = 1.0
+    if iteration < warmup_iters:
+        alpha = iteration / warmup_iters
+        factor = warmup_factor * (1 - alpha) + alpha
+    milestones = [round(f * iterations) for f in lr_steps]
+    return factor * lr_decay ** sum(iteration >= m for m in milestones)
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("device=cuda was asked for but CUDA is not available")
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save to a temp file in the same folder, then rename: a crash never leaves half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any] | None:
+    if not path.exists():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated file from a killed writer of an older version
+        log.warning("ignoring unreadable checkpoint %s (%s); starting over", path, exc)
+        return None
+
+
+def infinite_batches(loader, start_epoch: int = 0) -> Iterator[Any]:
+    epoch = start_epoch
+    while True:
+        sampler = getattr(loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        batch_sampler = getattr(loader, "batch_sampler", None)
+        if hasattr(batch_sampler, "set_epoch"):
+            batch_sampler.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def to_device(images, targets, device: torch.device):
+    images = images.to(device, non_blocking=True)
+    moved = [
+        {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()}
+        for t in targets
+    ]
+    return images, moved
+
+
+def build_pruner(cfg: DictConfig) -> Any | None:
+    """The optional pruning callback (`cfg.pruning`, set by the Optuna sweeper)."""
+    node = cfg.get("pruning")
+    if node is None or node.get("_target_") is None:
+        return None
+    return instantiate(node)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+def train(
+    cfg: DictConfig,
+    *,
+    tracker: RunTracker,
+    rank: int = 0,
+    world_size: int = 1,
+    local_rank: int = 0,
+    on_eval: Callable[[int, dict[str, float]], None] | None = None,
+) -> dict[str, float]:
+    """Train and evaluate; returns the final evaluation metrics (AP, AP50, ... ms_per_image).
+
+    Raises `Diverged` on a non-finite loss and `TrialPruned` when `on_eval` asks to stop.
+    """
+    from .builders import build_datasets
+    from .data.loader import build_loader
+    from .evaluation import evaluate
+
+    device = pick_device(cfg.device, local_rank)
+    distributed = world_size > 1
+    tcfg = cfg.train
+    if tcfg.get("threads"):
+        torch.set_num_threads(int(tcfg.threads))
+    seed_everything(int(cfg.seed) + rank)
+
+    data = build_datasets(cfg.data, max_level=int(cfg.model.fpn.max_level))
+    per_rank_batch = int(tcfg.batch_size) // world_size
+    train_loader = build_loader(
+        data.train,
+        batch_size=per_rank_batch,
+        train=True,
+        num_workers=int(tcfg.num_workers),
+        distributed=distributed,
+        seed=int(cfg.seed),
+        size_divisible=data.size_divisible,
+    )
+    val_loader = build_loader(
+        data.val,
+        batch_size=max(1, per_rank_batch),
+        train=False,
+        num_workers=int(tcfg.num_workers),
+        size_divisible=data.size_divisible,
+    )
+
+    # The same seed builds the same initial weights on every rank (DDP also broadcasts them).
+    torch.manual_seed(int(cfg.seed))
+    strategy = instantiate(cfg.loss, _convert_="all")
+    model = instantiate(cfg.model, strategy=strategy, _convert_="all").to(device)
+    raw_model = model
+    if distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[local_rank] if device.type == "cuda" else None
+        )
+
+    base_lr = resolve_lr(tcfg)
+    params = [p for p in raw_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(
+        params, lr=base_lr, momentum=float(tcfg.momentum), weight_decay=float(tcfg.weight_decay)
+    )
+    iterations = int(tcfg.iterations)
+    sched_kwargs = dict(
+        iterations=iterations,
+        warmup_iters=int(tcfg.warmup_iters),
+        warmup_factor=float(tcfg.warmup_factor),
+        lr_steps=list(tcfg.lr_steps),
+        lr_decay=float(tcfg.lr_decay),
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda it: lr_factor(it, **sched_kwargs)
+    )
+    use_amp = bool(tcfg.amp) and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+    ckpt_path = Path(cfg.paths.checkpoints) / config_hash(cfg) / "last.pt"
+    start_iter = 0
+    state = load_checkpoint(ckpt_path)
+    if state is not None:
+        raw_model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if "scaler" in state and use_amp:
+            scaler.load_state_dict(state["scaler"])
+        start_iter = int(state["iteration"])
+        log.info("resuming from %s at iteration %d", ckpt_path, start_iter)
+        tracker.set_tags({"resumed_from_iteration": start_iter})
+
+    def save(iteration: int) -> None:
+        if rank != 0:
+            return
+        atomic_save(
+            {
+                "model": raw_model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "iteration": iteration,
+            },
+            ckpt_path,
+        )
+
+    def run_eval(max_images: int | None) -> dict[str, float] | None:
+        if rank != 0:
+            return None
+        metrics = evaluate(raw_model, val_loader, data.val, device, max_images=max_images)
+        model.train()
+        return metrics
+
+    # The data order after a resume is re-seeded from the iteration reached (weights, optimizer
+    # and schedule resume exactly; the exact batch sequence of an uninterrupted run does not).
+    batches = infinite_batches(train_loader, start_epoch=start_iter)
+    model.train()
+    log_every = max(1, int(cfg.tracking.log_every))
+    eval_every = int(tcfg.eval_every)
+    ckpt_every = int(tcfg.checkpoint_every)
+    clip = tcfg.get("clip_grad_norm")
+    progress = None
+    if tcfg.progress and rank == 0 and start_iter < iterations:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=iterations, initial=start_iter, desc="train", dynamic_ncols=True)
+
+    window_images, window_start = 0, time.perf_counter()
+    sums: dict[str, float] = {}
+    nonfinite = 0
+    for iteration in range(start_iter, iterations):
+        images, targets, image_sizes = next(batches)
+        images, targets = to_device(images, targets, device)
+        with torch.autocast(device_type=device.type, enabled=use_amp):
+            losses = model(images, targets, image_sizes=image_sizes)
+        loss = sum(losses.values())
+        if not torch.isfinite(loss):
+            nonfinite += 1
+            if nonfinite > int(tcfg.get("max_nonfinite", 0)):
+                raise Diverged(iteration, {k: float(v) for k, v in losses.items()})
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            continue
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if clip:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, float(clip))
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+
+        window_images += images.shape[0] * world_size
+        for k, v in losses.items():
+            sums[k] = sums.get(k, 0.0) + float(v.detach())
+        sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+        done = iteration + 1
+        if done % log_every == 0 or done == iterations:
+            n = (iteration - start_iter) % log_every + 1 if done == iterations else log_every
+            elapsed = time.perf_counter() - window_start
+            row = {k: v / n for k, v in sums.items()}
+            row["lr"] = optimizer.param_groups[0]["lr"]
+            row["images_per_s"] = window_images / max(elapsed, 1e-9)
+            tracker.log_metrics(row, step=done)
+            if progress is not None:
+                progress.set_postfix(
+                    loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}", ips=f"{row['images_per_s']:.1f}"
+                )
+            sums, window_images, window_start = {}, 0, time.perf_counter()
+        if progress is not None:
+            progress.update(1)
+        if ckpt_every and done % ckpt_every == 0 and done < iterations:
+            save(done)
+        if eval_every and done % eval_every == 0 and done < iterations:
+            metrics = run_eval(tcfg.get("eval_max_images"))
+            if metrics is not None:
+                tracker.log_metrics(
+                    {f"val_{k}": v for k, v in metrics.items() if _is_num(v)}, step=done
+                )
+                tracker.flush()
+                if on_eval is not None:
+                    on_eval(done, metrics)
+            if distributed:
+                torch.distributed.barrier()
+    if progress is not None:
+        progress.close()
+    save(iterations)
+
+    metrics = run_eval(None)
+    if distributed:
+        torch.distributed.barrier()
+    return metrics or {}
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+FINAL_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100", "ms_per_image")
+
+
+def run(cfg: DictConfig) -> float:
+    """Validate, track and train one config; returns the final AP (nan if it diverged).
+
+    With `train.devices > 1` (and not already inside a worker) the work is spawned over that many
+    processes by `retina_sweep.distributed.launch`.
+    """
+    validate(cfg)
+    if int(cfg.train.devices) > 1 and "LOCAL_RANK" not in os.environ:
+        from .distributed import launch
+
+        return launch(cfg)
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    return run_worker(cfg, rank=rank, world_size=world_size, local_rank=local_rank)
+
+
+def run_worker(cfg: DictConfig, *, rank: int = 0, world_size: int = 1, local_rank: int = 0) -> float:
+    """The body of `run` in one process (rank) of a possibly distributed run."""
+    chash = config_hash(cfg)
+    tracker = tracker_from_config(cfg, rank=rank)
+    tags = {
+        "config_hash": chash,
+        "sweep": cfg.sweep.name,
+        "table": cfg.sweep.table,
+        "cell": cfg.sweep.cell,
+        "seed": cfg.seed,
+        "loss": cfg.loss.name,
+    }
+    tags.update(dict(cfg.get("extra_tags") or {}))
+    tracker.start(tags=tags, params=config_params(cfg))
+    if tracker.run_id:
+        tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config/resolved.yaml")
+        overrides = _hydra_overrides()
+        if overrides is not None:
+            tracker.log_text("\n".join(overrides) + "\n", "config/overrides.txt")
+
+    pruner = build_pruner(cfg)
+
+    def on_eval(step: int, metrics: dict[str, float]) -> None:
+        if pruner is not None and pruner.report(step, metrics):
+            raise TrialPruned(step)
+
+    try:
+        metrics = train(
+            cfg,
+            tracker=tracker,
+            rank=rank,
+            world_size=world_size,
+            local_rank=local_rank,
+            on_eval=on_eval,
+        )
+    except Diverged as exc:
+        log.error("run diverged: %s", exc)
+        tracker.finish("diverged", error=str(exc), diverged_at=exc.iteration)
+        return math.nan
+    except TrialPruned as exc:
+        log.info("run pruned at iteration %d", exc.iteration)
+        tracker.finish("pruned", pruned_at=exc.iteration)
+        if pruner is not None and hasattr(pruner, "pruned"):
+            return pruner.pruned(exc.iteration)
+        return math.nan
+    except KeyboardInterrupt:
+        tracker.finish("killed", error="interrupted")
+        raise
+    except BaseException as exc:
+        tracker.finish("failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+
+    final = {k: metrics[k] for k in FINAL_KEYS if k in metrics}
+    tracker.log_metrics(final, step=int(cfg.train.iterations))
+    if "summary" in metrics and tracker.run_id:
+        tracker.log_text(str(metrics["summary"]), "eval/coco_summary.txt")
+    tracker.finish("completed")
+    ap = float(final.get("AP", math.nan))
+    if rank == 0:
+        log.info(
+            "final COCO metrics: %s", ", ".join(f"{k}={v:.2f}" for k, v in final.items())
+        )
+    return ap
+
+
+def _hydra_overrides() -> list[str] | None:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except Exception:  # not inside a Hydra job (library use, tests)
+        return None
