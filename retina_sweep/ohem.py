@@ -26,11 +26,22 @@ Conventions (see docs/design.md and docs/sampling.md):
   (number of foreground anchors) is accepted for interface compatibility and ignored.
 - Ignored anchors (``anchor_state == -1``) are never candidates: they are not scored, cannot be
   selected and cannot suppress other anchors in the NMS.
+- NMS boxes: the ``boxes`` argument, which the detector fills with the boxes *predicted* for
+  each anchor (box-head deltas decoded on the anchors, detached), not the anchors themselves.
+  The paper only says that "each example is scored by its loss, non-maximum suppression (nms)
+  is then applied"; deduplicating on the predicted boxes removes anchors that predict the same
+  box (the duplicates the detector's own inference NMS would merge), and at initialisation the
+  predicted boxes equal the anchors up to small deltas. Shrivastava et al.'s OHEM ran the NMS
+  on its RoIs, whose one-stage analogue is the anchor; docs/sampling.md discusses the choice.
+- Normalisation is the Fast R-CNN / OHEM minibatch mean (the paper is silent for its OHEM
+  baselines): every minibatch example weighs ``1 / S`` whatever its label, which keeps the
+  loss scale independent of how many positives the sampling happened to pick.
 """
 
 from __future__ import annotations
 
 import math
+from numbers import Integral, Real
 
 import torch
 import torch.nn.functional as F
@@ -59,13 +70,13 @@ _MIN_PRE_NMS_TOPK = 2000
 # Argument validation
 # --------------------------------------------------------------------------------------------
 def _check_batch_size(batch_size: int) -> int:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, Integral) or batch_size <= 0:
         raise ValueError(f"batch_size must be an integer in [1, inf), got {batch_size!r}")
-    return batch_size
+    return int(batch_size)
 
 
 def _check_fraction(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, Real):
         raise ValueError(f"{name} must be a float in (0, 1], got {value!r}")
     if not (0.0 < float(value) <= 1.0):
         raise ValueError(f"{name} must be in (0, 1], got {value!r}")
@@ -97,7 +108,9 @@ def _check_inputs(
             f"got {tuple(cls_targets.shape)}"
         )
     if anchor_state.shape != (n, a):
-        raise ValueError(f"anchor_state must have shape ({n}, {a}), got {tuple(anchor_state.shape)}")
+        raise ValueError(
+            f"anchor_state must have shape ({n}, {a}), got {tuple(anchor_state.shape)}"
+        )
     if box_loss.shape != (n, a):
         raise ValueError(f"box_loss must have shape ({n}, {a}), got {tuple(box_loss.shape)}")
     if boxes is not None and boxes.shape != (n, a, 4):
@@ -247,6 +260,10 @@ def ohem_select(
         img, slot = survive.nonzero(as_tuple=True)
         if img.numel() > 0:
             cand_boxes = boxes.detach()[img, cand_idx[img, slot]].float()
+            # batched_nms separates the groups by offsetting each by idx * (max coordinate + 1),
+            # which assumes coordinates >= 0; predicted boxes may leave the image, so translate
+            # them (IoU is translation invariant) to keep images from suppressing each other.
+            cand_boxes = cand_boxes - cand_boxes.min()
             keep = batched_nms(cand_boxes, cand_val[img, slot], img, nms_thresh)
             survive = torch.zeros_like(survive)
             survive[img[keep], slot[keep]] = True
@@ -331,7 +348,7 @@ def minibatch_loss(
         cls_logits: (N, A, K) logits; cls_targets: (N, A, K) one-hot float targets.
         box_loss: (N, A) per-anchor box loss summed over the 4 coordinates.
         anchor_state: (N, A) long, 1 foreground / 0 background / -1 ignore.
-        selected: (N, A) bool minibatch mask (ignored anchors in it are an error).
+        selected: (N, A) bool minibatch mask (ignored anchors in it are dropped).
 
     Returns:
         ``{"loss_cls": scalar, "loss_box": scalar}``.
@@ -351,14 +368,14 @@ def _resolve_pre_nms_topk(pre_nms_topk: int | None, batch_size: int) -> int:
         return default_pre_nms_topk(batch_size)
     if (
         isinstance(pre_nms_topk, bool)
-        or not isinstance(pre_nms_topk, int)
+        or not isinstance(pre_nms_topk, Integral)
         or pre_nms_topk < batch_size
     ):
         raise ValueError(
             f"pre_nms_topk must be None or an integer in [batch_size={batch_size}, inf), "
             f"got {pre_nms_topk!r}"
         )
-    return pre_nms_topk
+    return int(pre_nms_topk)
 
 
 # --------------------------------------------------------------------------------------------
@@ -374,6 +391,8 @@ class OHEMStrategy(LossStrategy):
     minibatch (see `ohem_select`). The loss is the cross entropy over the selected anchors plus
     the box loss over the selected foreground anchors, both divided by the number of selected
     anchors in the batch (see `minibatch_loss`); ``normalizer`` is ignored.
+
+    ``needs_boxes`` is True: the detector must pass the decoded predicted boxes.
 
     Args:
         batch_size: minibatch anchors per image, >= 1 (paper grid: 128, 256, 512).
@@ -401,7 +420,11 @@ class OHEMStrategy(LossStrategy):
         self.pre_nms_topk = _resolve_pre_nms_topk(pre_nms_topk, self.batch_size)
 
     def select(
-        self, cls_logits: Tensor, cls_targets: Tensor, anchor_state: Tensor, box_loss: Tensor,
+        self,
+        cls_logits: Tensor,
+        cls_targets: Tensor,
+        anchor_state: Tensor,
+        box_loss: Tensor,
         boxes: Tensor,
     ) -> Tensor:
         """(N, A) bool mask of the minibatch; computed without gradient."""
@@ -425,10 +448,14 @@ class OHEMStrategy(LossStrategy):
         cls_targets: Tensor,
         anchor_state: Tensor,
         box_loss: Tensor,
-        boxes: Tensor,
+        boxes: Tensor | None,
         normalizer: Tensor,
     ) -> dict[str, Tensor]:
         """See the class docstring; shapes as in docs/design.md."""
+        if boxes is None:
+            raise ValueError(
+                "boxes must be the (N, A, 4) decoded predicted boxes for OHEM, got None"
+            )
         _check_inputs(cls_logits, cls_targets, anchor_state, box_loss, boxes)
         selected = self.select(cls_logits, cls_targets, anchor_state, box_loss, boxes)
         return minibatch_loss(cls_logits, cls_targets, box_loss, anchor_state, selected)
@@ -441,7 +468,7 @@ class OHEMStrategy(LossStrategy):
 
 
 class OHEM1to3Strategy(OHEMStrategy):
-    """"OHEM 1:3" (Table 1(d)): `OHEMStrategy` with ``pos_fraction=0.25`` by default.
+    """ "OHEM 1:3" (Table 1(d)): `OHEMStrategy` with ``pos_fraction=0.25`` by default.
 
     After the NMS over all examples, at most ``floor(batch_size * 0.25)`` positives (highest
     loss first) enter the minibatch, and surviving negatives (highest loss first) fill it up to
@@ -479,15 +506,17 @@ class RandomSamplingStrategy(LossStrategy):
         seed: seed of the private generator.
     """
 
+    needs_boxes = False
+
     def __init__(self, batch_size: int, pos_fraction: float = 0.25, seed: int = 0) -> None:
         super().__init__()
         self.batch_size = _check_batch_size(batch_size)
         self.pos_fraction = _check_fraction("pos_fraction", pos_fraction)
-        if isinstance(seed, bool) or not isinstance(seed, int):
+        if isinstance(seed, bool) or not isinstance(seed, Integral):
             raise ValueError(f"seed must be an integer, got {seed!r}")
-        self.seed = seed
+        self.seed = int(seed)
         self.generator = torch.Generator(device="cpu")
-        self.generator.manual_seed(seed)
+        self.generator.manual_seed(self.seed)
 
     def select(self, anchor_state: Tensor) -> Tensor:
         """(N, A) bool mask of the minibatch; advances the private generator."""

@@ -61,12 +61,21 @@ def client(uri: str | None = None):
     return MlflowClient(tracking_uri=resolve_uri(uri))
 
 
+def artifact_root(uri: str) -> str | None:
+    """Artifacts of a SQLite store go beside its database file (`mlartifacts/`), not in cwd."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").resolve().as_uri()
+    return None  # a server decides (mlflow-artifacts:/ proxied storage)
+
+
 def experiment_id(mlf, name: str) -> str:
+    """The id of experiment `name`, created (with its artifact root) when it does not exist."""
     exp = mlf.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
     try:
-        return mlf.create_experiment(name)
+        root = artifact_root(mlf.tracking_uri)
+        return mlf.create_experiment(name, artifact_location=root and f"{root}/{name}")
     except Exception:  # another process created it first
         exp = mlf.get_experiment_by_name(name)
         if exp is None:

@@ -1,0 +1,342 @@
+"""COCO-format detection datasets: real COCO 2017 and the synthetic proxy share this reader.
+
+Conventions of the target dict (see docs/design.md):
+
+- `boxes` (G, 4) float32 `xyxy` in the *transformed* image (resized, maybe flipped), continuous
+  pixel coordinates: COCO's `[x, y, w, h]` becomes `[x, y, x + w, y + h]`.
+- `labels` (G,) int64 contiguous labels 0..K-1; `label_to_cat_id` / `cat_id_to_label` map
+  them to and from COCO category ids (COCO's are 1..90 with gaps; categories are sorted by id).
+- `crowd_boxes` (Gc, 4) float32: `iscrowd=1` regions. They are kept apart because they are
+  neither positives nor negatives: the detector ignores anchors on them and COCOeval ignores
+  detections matched to them.
+- `image_id` int, `scale_factor` float (resized / original, the same for x and y),
+  `orig_size` (h, w) of the image file. Dividing a predicted box by `scale_factor` (after
+  undoing any flip) gives original image coordinates, which is what COCOeval expects.
+
+Every problem with the files is reported up front where possible (root, annotation file,
+image folder at construction; an image file when it is read) with the offending path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from pycocotools.coco import COCO
+from torch.utils.data import Dataset
+
+from .transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    hflip_boxes,
+    hflip_image,
+    load_image,
+    to_tensor_normalized,
+)
+
+__all__ = [
+    "DatasetError",
+    "MissingDataError",
+    "CocoPaths",
+    "coco_paths",
+    "load_coco",
+    "CocoDetection",
+    "COCO_SPLITS",
+]
+
+log = logging.getLogger(__name__)
+
+
+class DatasetError(ValueError):
+    """A dataset file is missing, unreadable or inconsistent; the message names the path."""
+
+
+class MissingDataError(DatasetError, FileNotFoundError):
+    """A dataset file or folder does not exist (catchable as DatasetError or FileNotFoundError)."""
+
+
+class CocoPaths(NamedTuple):
+    """Annotation file and image folder of one split."""
+
+    ann_file: Path
+    img_dir: Path
+
+
+# split name -> (annotation file under <root>/annotations, image folder under <root>).
+# "minival" is the 5k-image 2014 split the paper tests on (the same images as val2017);
+# "valminusminival" is the rest of val2014, which with train2014 makes trainval35k (= train2017).
+COCO_SPLITS: dict[str, tuple[str, str]] = {
+    "train2017": ("instances_train2017.json", "train2017"),
+    "val2017": ("instances_val2017.json", "val2017"),
+    "train": ("instances_train2017.json", "train2017"),
+    "val": ("instances_val2017.json", "val2017"),
+    "minival": ("instances_minival2014.json", "val2014"),
+    "valminusminival": ("instances_valminusminival2014.json", "val2014"),
+}
+
+
+def coco_paths(root: str | Path, split: str) -> CocoPaths:
+    """Paths of a COCO split under `root`, checked to exist.
+
+    Expected layout (the official one)::
+
+        root/annotations/instances_train2017.json   root/train2017/*.jpg
+        root/annotations/instances_val2017.json     root/val2017/*.jpg
+        root/annotations/instances_minival2014.json root/val2014/*.jpg   (optional, "minival")
+
+    Raises `MissingDataError` naming the missing path and what was expected there, and
+    `DatasetError` for an unknown split name.
+    """
+    if split not in COCO_SPLITS:
+        raise DatasetError(f"unknown COCO split {split!r}; expected one of {sorted(COCO_SPLITS)}")
+    if root is None or str(root) == "":
+        raise DatasetError("COCO root is not set: give the folder holding annotations/ and images")
+    root = Path(root).expanduser()
+    ann_name, img_name = COCO_SPLITS[split]
+    if not root.is_dir():
+        raise MissingDataError(
+            f"COCO root {root} does not exist or is not a folder; expected a folder with "
+            f"annotations/{ann_name} and {img_name}/ (the official COCO layout)"
+        )
+    ann_file = root / "annotations" / ann_name
+    if not ann_file.is_file():
+        raise MissingDataError(
+            f"COCO annotation file {ann_file} not found (split {split!r}); download the COCO "
+            f"annotations and unpack them into {root / 'annotations'}"
+        )
+    img_dir = root / img_name
+    if not img_dir.is_dir():
+        raise MissingDataError(
+            f"COCO image folder {img_dir} not found (split {split!r}); unpack {img_name}.zip "
+            f"into {root}"
+        )
+    return CocoPaths(ann_file, img_dir)
+
+
+def load_coco(ann_file: str | Path) -> COCO:
+    """Load a COCO annotation JSON into a pycocotools `COCO`, quietly and with clear errors.
+
+    pycocotools' own loader prints to stdout and lets a `json.JSONDecodeError` escape without
+    the file name; here a missing file raises `MissingDataError` and a corrupt or malformed one
+    `DatasetError`, both naming the file.
+    """
+    ann_file = Path(ann_file)
+    if not ann_file.is_file():
+        raise MissingDataError(f"annotation file {ann_file} not found")
+    try:
+        with open(ann_file, encoding="utf-8") as f:
+            dataset = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DatasetError(f"annotation file {ann_file} is not valid JSON: {e}") from e
+    if not isinstance(dataset, dict):
+        raise DatasetError(f"annotation file {ann_file}: expected a JSON object at the top level")
+    missing = [k for k in ("images", "annotations", "categories") if k not in dataset]
+    if missing:
+        raise DatasetError(f"annotation file {ann_file} lacks the COCO key(s) {missing}")
+    coco = COCO()
+    coco.dataset = dataset
+    with contextlib.redirect_stdout(io.StringIO()):  # "creating index..." chatter
+        coco.createIndex()
+    return coco
+
+
+class CocoDetection(Dataset):
+    """A COCO-format detection dataset with the paper's transforms.
+
+    Args:
+        ann_file: COCO instances JSON.
+        img_dir: folder holding the images named by `file_name`.
+        train: enables the random horizontal flip.
+        scale: shorter side of the network input, px (paper: 600).
+        max_size: cap on the longer side, px (paper: 1000).
+        flip_prob: flip probability when `train` (paper: 0.5).
+        skip_empty: drop images without any non-crowd box (useless for training: they have no
+            positive anchor). Keep them for evaluation (COCOeval counts their false positives).
+        mean, std: normalisation of RGB in [0, 1].
+
+    Item: `(image (3, H, W) float32 normalised, target)`, target as in the module docstring.
+    """
+
+    def __init__(
+        self,
+        *,
+        ann_file: str | Path,
+        img_dir: str | Path,
+        train: bool,
+        scale: int,
+        max_size: int,
+        flip_prob: float = 0.5,
+        skip_empty: bool = True,
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
+    ) -> None:
+        self.ann_file = Path(ann_file)
+        self.img_dir = Path(img_dir)
+        if not self.img_dir.is_dir():
+            raise MissingDataError(
+                f"image folder {self.img_dir} not found (images of {self.ann_file})"
+            )
+        if not 0.0 <= flip_prob <= 1.0:
+            raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob}")
+        self.train = bool(train)
+        self.scale = int(scale)
+        self.max_size = int(max_size)
+        self.flip_prob = float(flip_prob)
+        self.skip_empty = bool(skip_empty)
+        self.mean = tuple(mean)
+        self.std = tuple(std)
+
+        self.coco = load_coco(self.ann_file)
+        cat_ids = sorted(int(c["id"]) for c in self.coco.dataset["categories"])
+        if len(set(cat_ids)) != len(cat_ids):
+            raise DatasetError(f"annotation file {self.ann_file} has duplicate category ids")
+        self.cat_id_to_label: dict[int, int] = {c: i for i, c in enumerate(cat_ids)}
+        self.label_to_cat_id: dict[int, int] = dict(enumerate(cat_ids))
+        self.num_classes = len(cat_ids)
+        cats = self.coco.cats
+        self.class_names: list[str] = [str(cats[c].get("name", c)) for c in cat_ids]
+
+        self._records = self._parse_annotations()
+        all_ids = sorted(self._records)
+        if self.skip_empty:
+            self.image_ids = [i for i in all_ids if len(self._records[i]["labels"]) > 0]
+            skipped = len(all_ids) - len(self.image_ids)
+            if skipped:
+                log.info(
+                    "%s: skipped %d of %d images without non-crowd boxes (skip_empty)",
+                    self.ann_file,
+                    skipped,
+                    len(all_ids),
+                )
+        else:
+            self.image_ids = all_ids
+
+    def _parse_annotations(self) -> dict[int, dict[str, Any]]:
+        """Per image: boxes / labels / crowd boxes in original coordinates, as numpy arrays."""
+        per_image: dict[int, dict[str, list]] = {}
+        for img in self.coco.dataset["images"]:
+            try:
+                image_id, w, h = int(img["id"]), int(img["width"]), int(img["height"])
+                file_name = str(img["file_name"])
+            except (KeyError, TypeError, ValueError) as e:
+                raise DatasetError(
+                    f"annotation file {self.ann_file}: image entry {img!r} needs id, file_name, "
+                    f"width and height ({e})"
+                ) from e
+            per_image[image_id] = {
+                "file_name": file_name,
+                "size": (h, w),
+                "boxes": [],
+                "labels": [],
+                "crowd": [],
+            }
+
+        degenerate = 0
+        for ann in self.coco.dataset["annotations"]:
+            rec = per_image.get(ann.get("image_id"))
+            if rec is None:
+                raise DatasetError(
+                    f"annotation file {self.ann_file}: annotation {ann.get('id')} refers to "
+                    f"image_id {ann.get('image_id')} which is not in 'images'"
+                )
+            cat = ann.get("category_id")
+            if cat not in self.cat_id_to_label:
+                raise DatasetError(
+                    f"annotation file {self.ann_file}: annotation {ann.get('id')} has "
+                    f"category_id {cat} which is not in 'categories'"
+                )
+            bbox = ann.get("bbox")
+            if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+                raise DatasetError(
+                    f"annotation file {self.ann_file}: annotation {ann.get('id')} has bbox "
+                    f"{bbox!r}, expected [x, y, width, height]"
+                )
+            x, y, bw, bh = (float(v) for v in bbox)
+            h, w = rec["size"]
+            # Clip to the image (COCO has a few boxes overshooting by a fraction of a pixel),
+            # then drop what has no area left: such a box has no IoU with any anchor and would
+            # only produce NaN box targets (log of a zero width).
+            x1, y1 = min(max(x, 0.0), w), min(max(y, 0.0), h)
+            x2, y2 = min(max(x + bw, 0.0), w), min(max(y + bh, 0.0), h)
+            if bw <= 0 or bh <= 0 or x2 <= x1 or y2 <= y1:
+                degenerate += 1
+                continue
+            if ann.get("iscrowd", 0):
+                rec["crowd"].append((x1, y1, x2, y2))
+            else:
+                rec["boxes"].append((x1, y1, x2, y2))
+                rec["labels"].append(self.cat_id_to_label[cat])
+        if degenerate:
+            log.warning(
+                "%s: dropped %d degenerate boxes (width or height <= 0 inside the image)",
+                self.ann_file,
+                degenerate,
+            )
+        self.num_degenerate = degenerate
+
+        records: dict[int, dict[str, Any]] = {}
+        for image_id, rec in per_image.items():
+            records[image_id] = {
+                "file_name": rec["file_name"],
+                "size": rec["size"],
+                "boxes": np.asarray(rec["boxes"], dtype=np.float32).reshape(-1, 4),
+                "labels": np.asarray(rec["labels"], dtype=np.int64),
+                "crowd": np.asarray(rec["crowd"], dtype=np.float32).reshape(-1, 4),
+            }
+        return records
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def image_path(self, index: int) -> Path:
+        """Path of the image file of item `index`."""
+        return self.img_dir / self._records[self.image_ids[index]]["file_name"]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        image_id = self.image_ids[index]
+        rec = self._records[image_id]
+        path = self.img_dir / rec["file_name"]
+        if not path.is_file():
+            raise MissingDataError(
+                f"image file {path} not found (image_id {image_id} of {self.ann_file})"
+            )
+        try:
+            pil, orig_size, factor = load_image(path, self.scale, self.max_size)
+        except OSError as e:  # PIL's UnidentifiedImageError is an OSError
+            raise DatasetError(f"cannot read image file {path}: {e}") from e
+        if orig_size != rec["size"]:
+            raise DatasetError(
+                f"image file {path} is {orig_size[1]}x{orig_size[0]} (w x h) but "
+                f"{self.ann_file} says {rec['size'][1]}x{rec['size'][0]}; the boxes would be wrong"
+            )
+        image = to_tensor_normalized(pil, self.mean, self.std)
+        boxes = torch.from_numpy(rec["boxes"] * np.float32(factor))
+        crowd = torch.from_numpy(rec["crowd"] * np.float32(factor))
+        # torch.rand draws from the (per-worker seeded) global torch RNG: see transforms.py.
+        if self.train and self.flip_prob > 0 and float(torch.rand(())) < self.flip_prob:
+            width = image.shape[-1]
+            image = hflip_image(image)
+            boxes = hflip_boxes(boxes, width)
+            crowd = hflip_boxes(crowd, width)
+        target = {
+            "boxes": boxes,
+            "labels": torch.from_numpy(rec["labels"].copy()),
+            "crowd_boxes": crowd,
+            "image_id": int(image_id),
+            "scale_factor": float(factor),
+            "orig_size": orig_size,
+        }
+        return image, target
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(ann_file={str(self.ann_file)!r}, images={len(self)}, "
+            f"classes={self.num_classes}, train={self.train}, scale={self.scale}, "
+            f"max_size={self.max_size})"
+        )

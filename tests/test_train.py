@@ -1,0 +1,138 @@
+"""One training run end to end (scale=smoke) into a temporary MLflow store, resume, divergence."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import compose_config
+from mlflow.tracking import MlflowClient
+
+from retina_sweep import train as train_mod
+from retina_sweep.config import config_hash
+from retina_sweep.train import lr_factor, resolve_lr, run
+
+
+def smoke_cfg(tmp_path: Path, *extra: str):
+    return compose_config(
+        [
+            "scale=smoke",
+            f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+            f"paths.root={tmp_path}/sweeps",
+            f"data.cache_dir={tmp_path}/cache",
+            "tracking.log_every=1",
+            *extra,
+        ]
+    )
+
+
+def only_run(tmp_path: Path):
+    mlf = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    exp = mlf.get_experiment_by_name("retina_sweep")
+    runs = mlf.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
+    return mlf, runs
+
+
+def test_lr_schedule_is_the_papers() -> None:
+    kw = dict(iterations=90000, warmup_iters=500, warmup_factor=0.001, lr_decay=0.1)
+    steps = [2 / 3, 8 / 9]
+    assert lr_factor(0, lr_steps=steps, **kw) == pytest.approx(0.001)
+    assert lr_factor(250, lr_steps=steps, **kw) == pytest.approx(0.001 * 0.5 + 0.5)
+    assert lr_factor(500, lr_steps=steps, **kw) == 1.0
+    assert lr_factor(59999, lr_steps=steps, **kw) == 1.0
+    assert lr_factor(60000, lr_steps=steps, **kw) == pytest.approx(0.1)
+    assert lr_factor(79999, lr_steps=steps, **kw) == pytest.approx(0.1)
+    assert lr_factor(80000, lr_steps=steps, **kw) == pytest.approx(0.01)
+
+
+def test_linear_scaling_rule() -> None:
+    cfg = compose_config(["train.batch_size=8", "train.lr=null"])
+    assert resolve_lr(cfg.train) == pytest.approx(0.01 * 8 / 16)
+    cfg = compose_config(["train.lr=0.5"])
+    assert resolve_lr(cfg.train) == 0.5
+
+
+@pytest.mark.slow
+def test_smoke_run_logs_params_metrics_tags_and_artifacts(tmp_path: Path) -> None:
+    cfg = smoke_cfg(tmp_path)
+    ap = run(cfg)
+    assert 0.0 <= ap <= 100.0
+    mlf, runs = only_run(tmp_path)
+    assert len(runs) == 1
+    r = runs[0]
+    assert r.info.status == "FINISHED"
+    assert r.data.tags["outcome"] == "completed"
+    assert r.data.tags["config_hash"] == config_hash(cfg)
+    assert r.data.params["loss.gamma"] == "2.0" and r.data.params["model.backbone.depth"] == "10"
+    for key in ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100", "ms_per_image"):
+        assert key in r.data.metrics, key
+    assert r.data.metrics["AP"] == pytest.approx(ap)
+    history = mlf.get_metric_history(r.info.run_id, "loss")
+    assert [m.step for m in history] == [1, 2, 3, 4]
+    assert all(math.isfinite(m.value) for m in history)
+    lr = [m.value for m in mlf.get_metric_history(r.info.run_id, "lr")]
+    assert lr[0] < lr[-1]  # linear warm-up over the first 2 iterations
+    artifacts = {a.path for a in mlf.list_artifacts(r.info.run_id, "config")}
+    assert "config/resolved.yaml" in artifacts
+    ckpt = tmp_path / "sweeps" / "checkpoints" / config_hash(cfg) / "last.pt"
+    assert torch.load(ckpt, weights_only=True)["iteration"] == 4
+
+
+@pytest.mark.slow
+def test_interrupted_run_resumes_from_its_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    cfg = smoke_cfg(tmp_path, "train.iterations=6", "train.checkpoint_every=2")
+    real_save = train_mod.atomic_save
+    saved: list[int] = []
+
+    def save_then_die(obj, path):
+        real_save(obj, path)
+        saved.append(obj["iteration"])
+        if obj["iteration"] == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "atomic_save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg)
+    assert saved == [2, 4]
+    mlf, runs = only_run(tmp_path)
+    assert runs[0].info.status == "KILLED" and runs[0].data.tags["outcome"] == "killed"
+    # the metrics logged before the interrupt are kept
+    assert len(mlf.get_metric_history(runs[0].info.run_id, "loss")) == 4
+
+    monkeypatch.setattr(train_mod, "atomic_save", real_save)
+    run(cfg)
+    mlf, runs = only_run(tmp_path)
+    second = runs[1]
+    assert second.info.status == "FINISHED"
+    assert second.data.tags["resumed_from_iteration"] == "4"
+    steps = [m.step for m in mlf.get_metric_history(second.info.run_id, "loss")]
+    assert steps == [5, 6]
+
+
+@pytest.mark.slow
+def test_nonfinite_loss_marks_the_run_diverged(tmp_path: Path, monkeypatch) -> None:
+    from retina_sweep import sampling
+
+    real_forward = sampling.FocalStrategy.forward
+    calls = {"n": 0}
+
+    def nan_after_two(self, **kw):
+        out = real_forward(self, **kw)
+        calls["n"] += 1
+        if calls["n"] >= 3:
+            out["loss_cls"] = out["loss_cls"] * float("nan")
+        return out
+
+    monkeypatch.setattr(sampling.FocalStrategy, "forward", nan_after_two)
+    ap = run(smoke_cfg(tmp_path))
+    assert math.isnan(ap)
+    mlf, runs = only_run(tmp_path)
+    r = runs[0]
+    assert r.info.status == "FINISHED"
+    assert r.data.tags["outcome"] == "diverged"
+    assert r.data.tags["diverged_at"] == "2"
+    assert "non-finite loss" in r.data.tags["error"]
+    # what was logged before the divergence is kept
+    assert [m.step for m in mlf.get_metric_history(r.info.run_id, "loss")] == [1, 2]
