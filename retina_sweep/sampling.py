@@ -128,3 +128,13 @@ def build_strategy(name: str, **params: Any) -> LossStrategy:
     if name not in STRATEGIES:
         raise ValueError(f"name must be one of {sorted(STRATEGIES)}, got {name!r}")
     return STRATEGIES[name](**params)
+
+
+def _register_sampling_strategies() -> None:
+    # ohem.py subclasses LossStrategy, so it is imported after this module's classes exist.
+    from .ohem import OHEM_STRATEGIES
+
+    STRATEGIES.update(OHEM_STRATEGIES)
+
+
+_register_sampling_strategies()

@@ -293,6 +293,7 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             continue
+        lr_used = optimizer.param_groups[0]["lr"]
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if clip:
@@ -311,12 +312,14 @@ def train(
             n = (iteration - start_iter) % log_every + 1 if done == iterations else log_every
             elapsed = time.perf_counter() - window_start
             row = {k: v / n for k, v in sums.items()}
-            row["lr"] = optimizer.param_groups[0]["lr"]
+            row["lr"] = lr_used
             row["images_per_s"] = window_images / max(elapsed, 1e-9)
             tracker.log_metrics(row, step=done)
             if progress is not None:
                 progress.set_postfix(
-                    loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}", ips=f"{row['images_per_s']:.1f}"
+                    loss=f"{row['loss']:.3f}",
+                    lr=f"{row['lr']:.2e}",
+                    ips=f"{row['images_per_s']:.1f}",
                 )
             sums, window_images, window_start = {}, 0, time.perf_counter()
         if progress is not None:
@@ -368,7 +371,9 @@ def run(cfg: DictConfig) -> float:
     return run_worker(cfg, rank=rank, world_size=world_size, local_rank=local_rank)
 
 
-def run_worker(cfg: DictConfig, *, rank: int = 0, world_size: int = 1, local_rank: int = 0) -> float:
+def run_worker(
+    cfg: DictConfig, *, rank: int = 0, world_size: int = 1, local_rank: int = 0
+) -> float:
     """The body of `run` in one process (rank) of a possibly distributed run."""
     chash = config_hash(cfg)
     tracker = tracker_from_config(cfg, rank=rank)
@@ -427,9 +432,7 @@ def run_worker(cfg: DictConfig, *, rank: int = 0, world_size: int = 1, local_ran
     tracker.finish("completed")
     ap = float(final.get("AP", math.nan))
     if rank == 0:
-        log.info(
-            "final COCO metrics: %s", ", ".join(f"{k}={v:.2f}" for k, v in final.items())
-        )
+        log.info("final COCO metrics: %s", ", ".join(f"{k}={v:.2f}" for k, v in final.items()))
     return ap
 
 

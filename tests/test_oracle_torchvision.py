@@ -58,7 +58,9 @@ def _theirs() -> TVRetinaNet:
         # in_channels (512) != out_channels: P6 from C5, as the paper.
         extra_blocks=LastLevelP6P7(512, CH),
     )
-    sizes = tuple((x, int(x * 2 ** (1.0 / 3)), int(x * 2 ** (2.0 / 3))) for x in [32, 64, 128, 256, 512])
+    sizes = tuple(
+        (x, int(x * 2 ** (1.0 / 3)), int(x * 2 ** (2.0 / 3))) for x in [32, 64, 128, 256, 512]
+    )
     anchor_generator = TVAnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
     return TVRetinaNet(
         backbone,

@@ -59,7 +59,9 @@ def resized_size(height: int, width: int, factor: float) -> tuple[int, int]:
     return max(1, int(height * factor + 0.5)), max(1, int(width * factor + 0.5))
 
 
-def load_image(path: str | Path, scale: int, max_size: int) -> tuple[Image.Image, tuple[int, int], float]:
+def load_image(
+    path: str | Path, scale: int, max_size: int
+) -> tuple[Image.Image, tuple[int, int], float]:
     """Decode an image as RGB and resize it by the paper's rule, cheaply.
 
     Returns `(resized image, original (h, w), factor)` with `factor = resized / original`.
@@ -116,7 +118,9 @@ def to_tensor_normalized(
     array = np.asarray(image, dtype=np.uint8)
     if array.ndim != 3 or array.shape[2] != 3:
         raise ValueError(f"expected an (H, W, 3) RGB image, got shape {array.shape}")
-    tensor = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).float()
+    if not array.flags.writeable or not array.flags.c_contiguous:
+        array = np.array(array, copy=True)  # PIL exposes a read-only buffer; torch wants to own it
+    tensor = torch.from_numpy(array).permute(2, 0, 1).float()
     # One fused affine map: (x / 255 - mean) / std = x * a + b.
     a = torch.tensor([1.0 / (255.0 * s) for s in std]).view(3, 1, 1)
     b = torch.tensor([-m / s for m, s in zip(mean, std, strict=True)]).view(3, 1, 1)

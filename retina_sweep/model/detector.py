@@ -27,7 +27,14 @@ from .fpn import RetinaFPN
 from .head import RetinaHead
 from .matcher import Matcher, anchor_state, box_ioa
 
-__all__ = ["RetinaNet", "build_retinanet", "build_anchor_generator", "BOX_LOSSES", "NORMALIZERS"]
+__all__ = [
+    "RetinaNet",
+    "build_retinanet",
+    "build_anchor_generator",
+    "grouped_nms",
+    "BOX_LOSSES",
+    "NORMALIZERS",
+]
 
 BOX_LOSSES = ("smooth_l1", "l1")
 NORMALIZERS = ("num_fg", "per_image", "ema")
@@ -54,6 +61,42 @@ def _pad(tensors: list[Tensor], width: int | None, dtype: torch.dtype, device: t
     padded = pad_sequence(tensors, batch_first=True)
     valid = torch.arange(padded.shape[1], device=device)[None, :] < counts[:, None]
     return padded, valid
+
+
+def grouped_nms(
+    boxes: Tensor, scores: Tensor, groups: Tensor, iou_thresh: float, max_chunk: int | None = None
+) -> Tensor:
+    """NMS within each group (e.g. each (image, class)), by `torchvision.ops.batched_nms`.
+
+    Same result as ``batched_nms(boxes, scores, groups, iou_thresh)``, faster for many boxes in
+    many groups: batched_nms then loops over the groups, scanning all boxes for each. Here the
+    boxes are sorted by group and cut into chunks of whole groups of at most ``max_chunk`` boxes
+    (1000 on CPU, 25000 on GPU: below those batched_nms uses its one-call coordinate trick,
+    whose cost grows with the square of the chunk). The coordinates go to float64 so that the
+    trick's offsets (group index * max coordinate) cost no precision.
+
+    Args:
+        boxes: (M, 4) xyxy; scores: (M,); groups: (M,) long group ids.
+
+    Returns:
+        Indices of the kept boxes, by decreasing score.
+    """
+    if max_chunk is None:
+        max_chunk = 1000 if boxes.device.type == "cpu" else 25000
+    boxes, scores = boxes.double(), scores.double()
+    if len(boxes) <= max_chunk:
+        return batched_nms(boxes, scores, groups, iou_thresh)
+    order = torch.sort(groups, stable=True).indices
+    sizes = torch.unique_consecutive(groups[order], return_counts=True)[1].tolist()
+    keeps, begin, end = [], 0, 0
+    for size in sizes + [max_chunk + 1]:  # the sentinel flushes the last chunk
+        if end > begin and end - begin + size > max_chunk:
+            chunk = order[begin:end]
+            keeps.append(chunk[batched_nms(boxes[chunk], scores[chunk], groups[chunk], iou_thresh)])
+            begin = end
+        end += size
+    keep = torch.cat(keeps)
+    return keep[torch.sort(scores[keep], descending=True, stable=True).indices]
 
 
 class RetinaNet(nn.Module):
@@ -209,7 +252,15 @@ class RetinaNet(nn.Module):
         # Counts are integers: no gradient flows into the normaliser.
         if self.normalizer == "per_image":
             return fg.sum(dim=1).clamp(min=1).float() * fg.shape[0]
-        num_fg = fg.sum().clamp(min=1).float()
+        num_fg = fg.sum().float()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # DDP averages gradients over ranks: normalise by the mean count over ranks so the
+            # step equals that of one process over the global batch (as mmdetection's
+            # reduce_mean(num_pos); the paper divides by the foreground count of the batch).
+            world = torch.distributed.get_world_size()
+            torch.distributed.all_reduce(num_fg)
+            num_fg = num_fg / world
+        num_fg = num_fg.clamp(min=1)
         if self.normalizer == "num_fg":
             return num_fg
         m = self.ema_momentum
@@ -271,29 +322,36 @@ class RetinaNet(nn.Module):
         each pyramid map (to split A into levels)."""
         n, _, k = cls_logits.shape
         a_loc = self.anchor_generator.num_anchors_per_location
-        scores_l, anchor_l, label_l = [], [], []
+        img_l, flat_l, score_l = [], [], []
         start = 0
         for h, w in shapes:
             count = h * w * a_loc
-            # Top-k over the flattened (anchor, class) scores of the level, all images at once.
+            # Candidates of the level: (anchor, class) pairs of all images at once, flattened
+            # to (N, count * K) in (anchor, class) order as torchvision.
             scores = torch.sigmoid(cls_logits[:, start : start + count].reshape(n, -1).float())
-            top_scores, top_idx = scores.topk(min(self.topk_candidates, scores.shape[1]), dim=1)
-            scores_l.append(top_scores)
-            anchor_l.append(torch.div(top_idx, k, rounding_mode="floor") + start)
-            label_l.append(top_idx % k)
+            above = scores > self.score_thresh
+            if int(above.sum(dim=1).max()) > self.topk_candidates:
+                # Only then a top-k: it costs more than everything else here.
+                top_scores, top_idx = scores.masked_fill(~above, -1.0).topk(
+                    self.topk_candidates, dim=1, sorted=False
+                )
+                img, slot = (top_scores > self.score_thresh).nonzero(as_tuple=True)
+                flat = top_idx[img, slot]
+            else:
+                img, flat = above.nonzero(as_tuple=True)
+            img_l.append(img)
+            flat_l.append(flat + start * k)
+            score_l.append(scores[img, flat])
             start += count
-        scores, anchor_idx, labels = (torch.cat(x, dim=1) for x in (scores_l, anchor_l, label_l))
-        img_idx, cand = (scores > self.score_thresh).nonzero(as_tuple=True)
-        scores, labels = scores[img_idx, cand], labels[img_idx, cand]
-        anchor_idx = anchor_idx[img_idx, cand]
+        img_idx, flat_idx, scores = (torch.cat(x) for x in (img_l, flat_l, score_l))
+        anchor_idx = torch.div(flat_idx, k, rounding_mode="floor")
+        labels = flat_idx % k
         boxes = self.box_coder.decode(bbox_deltas[img_idx, anchor_idx].float(), anchors[anchor_idx])
         sizes = torch.as_tensor(image_sizes, dtype=boxes.dtype, device=boxes.device)[img_idx]
         hw = sizes.flip(-1).repeat(1, 2)  # (w, h, w, h) of each candidate's image
         boxes = torch.minimum(boxes.clamp(min=0), hw)
 
-        # One NMS for the batch: a group per (image, class). float64 keeps batched_nms's
-        # coordinate offsets (group * max coordinate) exact with many groups.
-        keep = batched_nms(boxes.double(), scores.double(), img_idx * k + labels, self.nms_thresh)
+        keep = grouped_nms(boxes, scores, img_idx * k + labels, self.nms_thresh)
         # keep is sorted by decreasing score; a stable sort by image keeps that order within
         # each image, then the first detections_per_img of every image survive.
         keep = keep[torch.sort(img_idx[keep], stable=True).indices]

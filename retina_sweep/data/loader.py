@@ -1,0 +1,163 @@
+"""Batching: padded collate and a seeded DataLoader builder.
+
+Reproducibility: a training loader's order comes from `EpochShuffleSampler` (or
+`DistributedSampler`), a permutation that is a pure function of `(seed, epoch)`; the trainer
+calls `set_epoch` before each pass. The random flips come from the workers' torch RNG, which
+DataLoader seeds from the loader's `generator` (seeded with `seed`), so a run is reproducible for
+a fixed `num_workers`.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterator, Sequence, Sized
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
+
+__all__ = ["collate", "build_loader", "EpochShuffleSampler", "Collate"]
+
+
+def collate(
+    batch: Sequence[tuple[torch.Tensor, dict[str, Any]]], size_divisible: int = 128
+) -> tuple[torch.Tensor, list[dict[str, Any]], list[tuple[int, int]]]:
+    """Stack images of different sizes into one zero-padded batch.
+
+    Args:
+        batch: `(image (3, H_i, W_i), target)` pairs.
+        size_divisible: the padded height and width are multiples of it. It must be the stride
+            of the coarsest pyramid level (2 ** max_level, 128 for P7) so that every level's
+            feature map tiles the padded image exactly and anchors line up with features.
+
+    Returns:
+        `(images (N, 3, Hp, Wp), targets, image_sizes)`; images are placed at the top-left
+        corner and padded with 0 (the mean colour after normalisation), so box coordinates are
+        unchanged; `image_sizes[i] = (H_i, W_i)` is the unpadded size.
+    """
+    if len(batch) == 0:
+        raise ValueError("collate got an empty batch")
+    if size_divisible < 1:
+        raise ValueError(f"size_divisible must be >= 1, got {size_divisible}")
+    images = [b[0] for b in batch]
+    targets = [b[1] for b in batch]
+    sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+    max_h = max(h for h, _ in sizes)
+    max_w = max(w for _, w in sizes)
+    pad_h = int(math.ceil(max_h / size_divisible) * size_divisible)
+    pad_w = int(math.ceil(max_w / size_divisible) * size_divisible)
+    channels = images[0].shape[0]
+    out = images[0].new_zeros((len(images), channels, pad_h, pad_w))
+    for i, (im, (h, w)) in enumerate(zip(images, sizes, strict=True)):
+        out[i, :, :h, :w].copy_(im)
+    return out, targets, sizes
+
+
+class Collate:
+    """Picklable `collate` with a fixed `size_divisible` (for DataLoader worker processes)."""
+
+    def __init__(self, size_divisible: int = 128) -> None:
+        self.size_divisible = int(size_divisible)
+
+    def __call__(self, batch):
+        return collate(batch, self.size_divisible)
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """Random permutation of the dataset that depends only on `(seed, epoch)`.
+
+    Unlike a RandomSampler fed by a running generator, the order of epoch e can be recreated
+    without replaying epochs 0..e-1 (e.g. after resuming), like DistributedSampler does.
+    """
+
+    def __init__(self, data_source: Sized, seed: int = 0) -> None:
+        self.num_samples = len(data_source)
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator()
+        g.manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.num_samples, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+def _seed_worker(worker_id: int) -> None:
+    # DataLoader already seeds torch per worker (base_seed + worker_id); extend that seed to
+    # numpy and random so any transform using them is reproducible too and not shared by forks.
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def build_loader(
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    train: bool,
+    num_workers: int,
+    distributed: bool = False,
+    seed: int = 0,
+    pin_memory: bool | None = None,
+    size_divisible: int = 128,
+    drop_last: bool | None = None,
+) -> DataLoader:
+    """A DataLoader yielding `(images (N,3,Hp,Wp), targets, image_sizes)` from `collate`.
+
+    Args:
+        dataset: e.g. a `CocoDetection`.
+        batch_size: images per batch (per process when distributed).
+        train: shuffle (a permutation per epoch, see `EpochShuffleSampler`) and drop the last
+            incomplete batch (a tiny last batch would give a noisy step); evaluation keeps the
+            dataset order and every image.
+        num_workers: DataLoader worker processes (0 = load in the main process).
+        distributed: shard with `DistributedSampler` (needs an initialised process group).
+        seed: seeds the shuffling and the workers' RNGs (hence the flips).
+        pin_memory: pinned host memory for faster host-to-GPU copies; None = when CUDA is
+            available.
+        size_divisible: see `collate` (2 ** max_level).
+        drop_last: override the default (= `train`).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    if drop_last is None:
+        drop_last = bool(train)
+    if pin_memory is None:
+        pin_memory = torch.cuda.is_available()
+    if distributed:
+        sampler: Sampler[int] = DistributedSampler(
+            dataset, shuffle=bool(train), seed=int(seed), drop_last=bool(train)
+        )
+    elif train:
+        sampler = EpochShuffleSampler(dataset, seed=seed)
+    else:
+        sampler = SequentialSampler(dataset)
+    if drop_last and len(dataset) < batch_size and not distributed:
+        raise ValueError(
+            f"the training set has {len(dataset)} images, fewer than batch_size={batch_size}: "
+            "every batch would be dropped"
+        )
+    generator = torch.Generator()
+    generator.manual_seed(int(seed))
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=Collate(size_divisible),
+        pin_memory=bool(pin_memory),
+        drop_last=bool(drop_last),
+        generator=generator,
+        worker_init_fn=_seed_worker if num_workers > 0 else None,
+        # Training iterates epoch after epoch: keep the workers instead of re-forking them.
+        persistent_workers=bool(train) and num_workers > 0,
+    )

@@ -1,0 +1,306 @@
+"""COCO-format dataset, collate and loader on a tiny hand-written dataset."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from retina_sweep.data.coco import (
+    CocoDetection,
+    DatasetError,
+    MissingDataError,
+    coco_paths,
+    load_coco,
+)
+from retina_sweep.data.loader import EpochShuffleSampler, build_loader, collate
+from retina_sweep.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+# Category ids with gaps, like COCO's 1..90.
+CATS = [{"id": 3, "name": "cat3"}, {"id": 7, "name": "cat7"}, {"id": 11, "name": "cat11"}]
+# (id, file, h, w)
+IMAGES = [(1, "a.png", 40, 60), (2, "b.png", 30, 30), (5, "c.png", 20, 50), (9, "d.png", 24, 24)]
+ANNS = [
+    # image 1: two boxes of different classes, one crowd region, one zero-width box
+    {"id": 1, "image_id": 1, "category_id": 7, "bbox": [10, 8, 20, 12], "iscrowd": 0},
+    {"id": 2, "image_id": 1, "category_id": 11, "bbox": [40, 0, 20, 40], "iscrowd": 0},
+    {"id": 3, "image_id": 1, "category_id": 3, "bbox": [0, 30, 10, 10], "iscrowd": 1},
+    {"id": 4, "image_id": 1, "category_id": 3, "bbox": [5, 5, 0, 10], "iscrowd": 0},
+    # image 2: one box, overshooting the border by 2 px (clipped)
+    {"id": 5, "image_id": 2, "category_id": 3, "bbox": [20, 20, 12, 8], "iscrowd": 0},
+    # image 5: only a degenerate box (negative height) -> no valid box
+    {"id": 6, "image_id": 5, "category_id": 7, "bbox": [1, 1, 5, -3], "iscrowd": 0},
+    # image 9: only a crowd region -> no positive box
+    {"id": 7, "image_id": 9, "category_id": 3, "bbox": [2, 2, 10, 10], "iscrowd": 1},
+]
+
+
+def _write_dataset(root, images=IMAGES, anns=ANNS, cats=CATS):
+    img_dir = root / "images"
+    img_dir.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for _, name, h, w in images:
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(img_dir / name)
+    for a in anns:
+        a.setdefault("area", float(a["bbox"][2] * a["bbox"][3]))
+    data = {
+        "images": [{"id": i, "file_name": n, "height": h, "width": w} for i, n, h, w in images],
+        "annotations": anns,
+        "categories": cats,
+    }
+    ann_file = root / "ann.json"
+    ann_file.write_text(json.dumps(data))
+    return ann_file, img_dir
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    return _write_dataset(tmp_path)
+
+
+def _ds(tiny, **kw):
+    ann_file, img_dir = tiny
+    args = dict(ann_file=ann_file, img_dir=img_dir, train=False, scale=80, max_size=1000)
+    args.update(kw)
+    return CocoDetection(**args)
+
+
+def test_label_mapping_roundtrip(tiny):
+    ds = _ds(tiny)
+    assert ds.num_classes == 3
+    assert ds.cat_id_to_label == {3: 0, 7: 1, 11: 2}
+    assert ds.label_to_cat_id == {0: 3, 1: 7, 2: 11}
+    for cat, label in ds.cat_id_to_label.items():
+        assert ds.label_to_cat_id[label] == cat
+    assert ds.class_names == ["cat3", "cat7", "cat11"]
+
+
+def test_target_boxes_labels_crowd_and_scale(tiny):
+    ds = _ds(tiny, skip_empty=False)
+    assert ds.image_ids == [1, 2, 5, 9]
+    image, t = ds[0]
+    # 40 x 60 with scale 80 -> factor 2 -> 80 x 120.
+    assert t["scale_factor"] == 2.0 and t["orig_size"] == (40, 60) and t["image_id"] == 1
+    assert image.shape == (3, 80, 120) and image.dtype == torch.float32
+    # xywh -> xyxy, times the factor; the crowd region is kept apart, the zero-width box dropped.
+    assert torch.equal(
+        t["boxes"], torch.tensor([[20.0, 16.0, 60.0, 40.0], [80.0, 0.0, 120.0, 80.0]])
+    )
+    assert t["boxes"].dtype == torch.float32
+    assert torch.equal(t["labels"], torch.tensor([1, 2]))  # cat 7 -> 1, cat 11 -> 2
+    assert t["labels"].dtype == torch.int64
+    assert torch.equal(t["crowd_boxes"], torch.tensor([[0.0, 60.0, 20.0, 80.0]]))
+    # Image 2 (30 x 30, factor 80/30): the overshooting box is clipped to the image first.
+    _, t2 = ds[1]
+    f = 80 / 30
+    assert torch.allclose(t2["boxes"], torch.tensor([[20.0, 20.0, 30.0, 28.0]]) * f)
+    # Image 5 has no valid box: empty (0, 4) tensors, not missing keys.
+    _, t5 = ds[2]
+    assert t5["boxes"].shape == (0, 4) and t5["labels"].shape == (0,)
+    assert t5["crowd_boxes"].shape == (0, 4)
+
+
+def test_degenerate_boxes_dropped_and_logged(tiny, caplog):
+    with caplog.at_level(logging.WARNING, logger="retina_sweep.data.coco"):
+        ds = _ds(tiny)
+    assert ds.num_degenerate == 2
+    assert "dropped 2 degenerate boxes" in caplog.text and "ann.json" in caplog.text
+
+
+def test_skip_empty(tiny):
+    # Image 5 (only a degenerate box) and image 9 (only crowd) have no positive box.
+    assert _ds(tiny, skip_empty=True).image_ids == [1, 2]
+    assert len(_ds(tiny, skip_empty=False)) == 4
+
+
+def test_max_size_caps_the_longer_side(tiny):
+    ds = _ds(tiny, scale=80, max_size=100, skip_empty=False)
+    image, t = ds[0]  # 40 x 60: 80 / 40 = 2 would give 120 > 100 -> 100 / 60
+    assert t["scale_factor"] == pytest.approx(100 / 60)
+    assert image.shape[1:] == (67, 100)
+
+
+def test_flip_prob_one_mirrors_image_and_boxes(tiny):
+    plain = _ds(tiny, train=True, flip_prob=0.0)
+    flipped = _ds(tiny, train=True, flip_prob=1.0)
+    im0, t0 = plain[0]
+    im1, t1 = flipped[0]
+    width = im0.shape[-1]
+    assert torch.equal(im1, im0.flip(-1))
+    b0 = t0["boxes"]
+    assert torch.equal(t1["boxes"][:, 0], width - b0[:, 2])
+    assert torch.equal(t1["boxes"][:, 2], width - b0[:, 0])
+    assert torch.equal(t1["boxes"][:, 1::2], b0[:, 1::2])
+    assert torch.equal(t1["crowd_boxes"][:, 0], width - t0["crowd_boxes"][:, 2])
+    # Evaluation never flips, whatever flip_prob says.
+    im2, _ = _ds(tiny, train=False, flip_prob=1.0)[0]
+    assert torch.equal(im2, im0)
+
+
+def test_flip_follows_torch_rng(tiny):
+    ds = _ds(tiny, train=True, flip_prob=0.5)
+
+    def flips(seed):
+        torch.manual_seed(seed)
+        return [bool(ds[0][1]["boxes"][0, 0] != 20.0) for _ in range(16)]
+
+    a, b = flips(1), flips(1)
+    assert a == b and 0 < sum(a) < 16
+
+
+def test_image_normalised_with_imagenet_stats(tmp_path):
+    ann_file, img_dir = _write_dataset(
+        tmp_path,
+        images=[(1, "a.png", 8, 8)],
+        anns=[{"id": 1, "image_id": 1, "category_id": 3, "bbox": [1, 1, 2, 2], "iscrowd": 0}],
+    )
+    Image.fromarray(np.full((8, 8, 3), (255, 0, 128), dtype=np.uint8)).save(img_dir / "a.png")
+    image, _ = CocoDetection(ann_file=ann_file, img_dir=img_dir, train=False, scale=8, max_size=8)[
+        0
+    ]
+    for c, v in enumerate((1.0, 0.0, 128 / 255)):
+        assert torch.allclose(image[c], torch.tensor((v - IMAGENET_MEAN[c]) / IMAGENET_STD[c]))
+
+
+# ---- errors -----------------------------------------------------------------------------------
+
+
+def test_coco_paths_layout_and_errors(tmp_path):
+    with pytest.raises(MissingDataError, match=str(tmp_path / "nowhere")):
+        coco_paths(tmp_path / "nowhere", "val2017")
+    root = tmp_path / "coco"
+    root.mkdir()
+    with pytest.raises(FileNotFoundError, match="instances_val2017.json"):
+        coco_paths(root, "val2017")
+    (root / "annotations").mkdir()
+    (root / "annotations" / "instances_val2017.json").write_text("{}")
+    with pytest.raises(DatasetError, match="val2017"):
+        coco_paths(root, "val2017")
+    (root / "val2017").mkdir()
+    paths = coco_paths(root, "val2017")
+    assert paths.ann_file == root / "annotations" / "instances_val2017.json"
+    assert paths.img_dir == root / "val2017"
+    assert tuple(paths) == (paths.ann_file, paths.img_dir)  # unpacks like a tuple
+    with pytest.raises(MissingDataError, match="instances_minival2014.json"):
+        coco_paths(root, "minival")
+    with pytest.raises(DatasetError, match="unknown COCO split 'test'"):
+        coco_paths(root, "test")
+
+
+def test_missing_annotation_file_and_image_dir(tiny, tmp_path):
+    ann_file, img_dir = tiny
+    with pytest.raises(MissingDataError, match="missing.json"):
+        CocoDetection(
+            ann_file=tmp_path / "missing.json", img_dir=img_dir, train=True, scale=8, max_size=8
+        )
+    with pytest.raises(MissingDataError, match="no_images"):
+        CocoDetection(
+            ann_file=ann_file, img_dir=tmp_path / "no_images", train=True, scale=8, max_size=8
+        )
+
+
+def test_corrupt_json_names_the_file(tmp_path):
+    (tmp_path / "img").mkdir()
+    bad = tmp_path / "broken.json"
+    bad.write_text('{"images": [1, 2')
+    with pytest.raises(DatasetError, match="broken.json.*not valid JSON"):
+        CocoDetection(ann_file=bad, img_dir=tmp_path / "img", train=True, scale=8, max_size=8)
+    partial = tmp_path / "partial.json"
+    partial.write_text('{"images": []}')
+    with pytest.raises(DatasetError, match=r"partial.json lacks .*'annotations'"):
+        load_coco(partial)
+
+
+def test_unknown_category_is_an_error(tmp_path):
+    ann = [{"id": 1, "image_id": 1, "category_id": 99, "bbox": [1, 1, 2, 2], "iscrowd": 0}]
+    ann_file, img_dir = _write_dataset(tmp_path, images=[(1, "a.png", 8, 8)], anns=ann)
+    with pytest.raises(DatasetError, match="category_id 99"):
+        CocoDetection(ann_file=ann_file, img_dir=img_dir, train=True, scale=8, max_size=8)
+
+
+def test_missing_image_file_named_on_read(tiny):
+    ann_file, img_dir = tiny
+    ds = _ds(tiny)
+    (img_dir / "b.png").unlink()
+    _ = ds[0]  # other images still load
+    with pytest.raises(MissingDataError, match="b.png"):
+        ds[1]
+
+
+def test_image_size_mismatch_named(tiny):
+    ann_file, img_dir = tiny
+    Image.fromarray(np.zeros((31, 30, 3), dtype=np.uint8)).save(img_dir / "b.png")
+    with pytest.raises(DatasetError, match="b.png is 30x31"):
+        _ds(tiny)[1]
+
+
+# ---- collate and loader -------------------------------------------------------------------------
+
+
+def test_collate_pads_to_multiple_top_left():
+    a = torch.ones(3, 50, 70)
+    b = torch.full((3, 130, 20), 2.0)
+    ta, tb = {"boxes": torch.zeros(0, 4)}, {"boxes": torch.ones(1, 4)}
+    images, targets, sizes = collate([(a, ta), (b, tb)], size_divisible=64)
+    assert images.shape == (2, 3, 192, 128)  # 130 -> 192, 70 -> 128
+    assert sizes == [(50, 70), (130, 20)]
+    assert targets[0] is ta and targets[1] is tb
+    assert torch.equal(images[0, :, :50, :70], a) and images[0].sum() == a.sum()
+    assert torch.equal(images[1, :, :130, :20], b) and images[1].sum() == b.sum()
+
+
+def test_collate_exact_multiple_adds_no_padding():
+    images, _, _ = collate([(torch.ones(3, 128, 256), {})], size_divisible=128)
+    assert images.shape == (1, 3, 128, 256)
+
+
+def test_epoch_sampler_is_a_function_of_seed_and_epoch():
+    data = list(range(20))
+    s = EpochShuffleSampler(data, seed=3)
+    e0 = list(s)
+    assert sorted(e0) == data and e0 != data
+    assert list(s) == e0  # re-iterating the same epoch gives the same order
+    s.set_epoch(1)
+    e1 = list(s)
+    assert sorted(e1) == data and e1 != e0
+    other = EpochShuffleSampler(data, seed=3)
+    other.set_epoch(1)
+    assert list(other) == e1  # recreated without replaying epoch 0
+    assert list(EpochShuffleSampler(data, seed=4)) != e0
+
+
+def test_build_loader_train_and_eval(tiny):
+    ds = _ds(tiny, skip_empty=False, train=True, flip_prob=0.0)
+    train = build_loader(ds, batch_size=3, train=True, num_workers=0, seed=0, size_divisible=32)
+    batches = list(train)
+    assert len(batches) == 1  # 4 images, batch 3, drop_last
+    images, targets, sizes = batches[0]
+    assert images.shape[0] == 3 and images.shape[2] % 32 == 0 and images.shape[3] % 32 == 0
+    assert not train.pin_memory or torch.cuda.is_available()
+    ev = build_loader(ds, batch_size=3, train=False, num_workers=0)
+    ids = [t["image_id"] for _, targets, _ in ev for t in targets]
+    assert ids == [1, 2, 5, 9]  # dataset order, the last partial batch kept
+    with pytest.raises(ValueError, match="fewer than batch_size"):
+        build_loader(ds, batch_size=8, train=True, num_workers=0)
+
+
+@pytest.mark.slow
+def test_loader_flips_reproducible_with_workers(tiny):
+    ds = _ds(tiny, skip_empty=False, train=True, flip_prob=0.5)
+
+    def run(seed):
+        loader = build_loader(ds, batch_size=2, train=True, num_workers=2, seed=seed)
+        out = []
+        for epoch in range(3):
+            loader.sampler.set_epoch(epoch)
+            for _, targets, _ in loader:
+                out += [(t["image_id"], tuple(t["boxes"].flatten().tolist())) for t in targets]
+        return out
+
+    a, b = run(0), run(0)
+    assert a == b
+    assert run(1) != a

@@ -1,0 +1,256 @@
+"""COCO evaluation: hand-computed APs, empty inputs, and the detector-to-COCO mapping."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from retina_sweep.data.coco import CocoDetection, load_coco
+from retina_sweep.data.loader import build_loader
+from retina_sweep.evaluation import coco_evaluate, evaluate, to_coco_results
+
+
+def _gt(tmp_path, boxes_per_image, cats=(1,), sizes=None):
+    """A COCO ground truth: boxes_per_image[i] = [(cat, [x, y, w, h]), ...] for image i + 1."""
+    images, anns = [], []
+    for i, boxes in enumerate(boxes_per_image):
+        h, w = sizes[i] if sizes else (200, 200)
+        images.append({"id": i + 1, "file_name": f"{i + 1}.png", "height": h, "width": w})
+        for cat, bbox in boxes:
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": i + 1,
+                    "category_id": cat,
+                    "bbox": bbox,
+                    "area": bbox[2] * bbox[3],
+                    "iscrowd": 0,
+                }
+            )
+    data = {"images": images, "annotations": anns, "categories": [{"id": c} for c in cats]}
+    path = tmp_path / "gt.json"
+    path.write_text(json.dumps(data))
+    return load_coco(path)
+
+
+def _det(image_id, bbox, score, cat=1):
+    return {"image_id": image_id, "category_id": cat, "bbox": bbox, "score": score}
+
+
+# Four 50 x 50 boxes (area 2500: "medium") in one image.
+FOUR = [(1, [0, 0, 50, 50]), (1, [100, 0, 50, 50]), (1, [0, 100, 50, 50]), (1, [100, 100, 50, 50])]
+
+
+def test_perfect_detections_give_100(tmp_path):
+    gt = _gt(tmp_path, [FOUR, [(1, [10, 10, 20, 20])]])
+    dets = [_det(1, b, 0.9) for _, b in FOUR] + [_det(2, [10, 10, 20, 20], 0.8)]
+    m = coco_evaluate(gt, dets)
+    for k in ("AP", "AP50", "AP75", "APs", "APm", "AR100"):
+        assert m[k] == pytest.approx(100.0), k
+    assert math.isnan(m["APl"])  # no large object: undefined, not a fake number
+    assert m["stats"][5] == -1.0 and len(m["stats"]) == 12
+    assert (
+        "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ] = 1.000"
+        in m["summary"]
+    )
+
+
+def test_half_found_exactly(tmp_path):
+    # 2 of 4 found, no false positive: precision 1 up to recall 0.5, then 0. The 101-point
+    # interpolation counts recall thresholds 0.00..0.50 (51 of 101), at every IoU threshold.
+    gt = _gt(tmp_path, [FOUR])
+    m = coco_evaluate(gt, [_det(1, FOUR[0][1], 0.9), _det(1, FOUR[1][1], 0.8)])
+    assert m["AP"] == pytest.approx(100 * 51 / 101)
+    assert m["AP50"] == m["AP75"] == pytest.approx(100 * 51 / 101)
+    assert m["AR100"] == pytest.approx(50.0)
+
+
+def test_half_found_after_a_false_positive(tmp_path):
+    # Ranked: FP (0.95), TP (0.9), TP (0.8). Precision after each: 0, 1/2, 2/3 at recall 0,
+    # 1/4, 1/2; interpolated (max to the right) 2/3 for every recall threshold <= 0.5.
+    # AP = 51 * (2/3) / 101 = 34 / 101.
+    gt = _gt(tmp_path, [FOUR])
+    dets = [
+        _det(1, [60, 60, 30, 30], 0.95),
+        _det(1, FOUR[0][1], 0.9),
+        _det(1, FOUR[1][1], 0.8),
+    ]
+    assert coco_evaluate(gt, dets)["AP"] == pytest.approx(100 * 34 / 101)
+
+
+def test_iou_thresholds(tmp_path):
+    # One gt, one detection of IoU 0.62: a true positive at IoU 0.50, 0.55, 0.60 (3 of the 10
+    # thresholds), a miss above. AP = 3/10, AP50 = 100, AP75 = 0.
+    gt = _gt(tmp_path, [[(1, [0, 0, 100, 100])]])
+    m = coco_evaluate(gt, [_det(1, [0, 0, 100, 62], 0.9)])
+    assert m["AP"] == pytest.approx(30.0)
+    assert m["AP50"] == pytest.approx(100.0)
+    assert m["AP75"] == pytest.approx(0.0)
+    assert m["APl"] == pytest.approx(30.0)  # area 10000 >= 96^2
+
+
+def test_false_positive_on_image_without_ground_truth(tmp_path):
+    # Image 2 has no gt: its detection is a false positive ranked above the true positive.
+    gt = _gt(tmp_path, [[(1, [0, 0, 50, 50])], []])
+    m = coco_evaluate(gt, [_det(2, [0, 0, 50, 50], 0.9), _det(1, [0, 0, 50, 50], 0.5)])
+    assert m["AP"] == pytest.approx(50.0)
+    # Restricted to image 1, the false positive is out of scope.
+    assert coco_evaluate(
+        gt, [_det(2, [0, 0, 50, 50], 0.9), _det(1, [0, 0, 50, 50], 0.5)], img_ids=[1]
+    )["AP"] == pytest.approx(100.0)
+
+
+def test_no_detections_give_zero(tmp_path):
+    gt = _gt(tmp_path, [FOUR, []])
+    m = coco_evaluate(gt, [])
+    assert m["AP"] == 0.0 and m["AP50"] == 0.0 and m["AR100"] == 0.0
+    assert math.isnan(m["APs"])
+
+
+def test_area_thresholds_are_configurable(tmp_path):
+    gt = _gt(tmp_path, [[(1, [0, 0, 50, 50])]])  # area 2500: medium for COCO
+    dets = [_det(1, [0, 0, 50, 50], 0.9)]
+    assert math.isnan(coco_evaluate(gt, dets)["APs"])
+    m = coco_evaluate(gt, dets, area_thresholds=(64, 128))  # now small
+    assert m["APs"] == pytest.approx(100.0) and math.isnan(m["APm"])
+
+
+def test_quiet_and_inputs_untouched(tmp_path):
+    gt = _gt(tmp_path, [FOUR])
+    dets = [_det(1, FOUR[0][1], 0.9)]
+    before = json.dumps(dets)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        coco_evaluate(gt, dets, quiet=True)
+    assert out.getvalue() == ""
+    assert json.dumps(dets) == before  # loadRes adds keys; it got copies
+    with contextlib.redirect_stdout(out):
+        coco_evaluate(gt, dets, quiet=False)
+    assert "Average Precision" in out.getvalue()
+
+
+def test_detections_must_match_gt(tmp_path):
+    gt = _gt(tmp_path, [FOUR])
+    with pytest.raises(ValueError, match=r"image ids not in the ground truth: \[7\]"):
+        coco_evaluate(gt, [_det(7, [0, 0, 5, 5], 0.5)])
+    with pytest.raises(ValueError, match=r"category ids .*\[0\].*label_to_cat_id"):
+        coco_evaluate(gt, [_det(1, [0, 0, 5, 5], 0.5, cat=0)])
+
+
+def test_to_coco_results_maps_back():
+    out = {
+        "boxes": torch.tensor([[20.0, 10.0, 60.0, 50.0], [-4.0, 0.0, 300.0, 20.0]]),
+        "scores": torch.tensor([0.9, 0.3]),
+        "labels": torch.tensor([1, 0]),
+    }
+    res = to_coco_results(
+        out, image_id=4, scale_factor=2.0, orig_size=(40, 100), label_to_cat_id=torch.tensor([5, 9])
+    )
+    assert res[0] == {
+        "image_id": 4,
+        "category_id": 9,
+        "bbox": [10.0, 5.0, 20.0, 20.0],
+        "score": pytest.approx(0.9),
+    }
+    # Clipped to the original image (w = 100) after dividing by the factor.
+    assert res[1]["bbox"] == [0.0, 0.0, 100.0, 10.0] and res[1]["category_id"] == 5
+
+
+# ---- evaluate() with a stand-in detector ---------------------------------------------------------
+
+
+class Oracle(torch.nn.Module):
+    """Returns given detections (network-input coordinates) in loader order."""
+
+    def __init__(self, outputs):
+        super().__init__()
+        self.outputs = list(outputs)
+        self.calls = []
+
+    def forward(self, images, targets=None, image_sizes=None):
+        assert not self.training
+        self.calls.append((tuple(images.shape), list(image_sizes)))
+        n = images.shape[0]
+        out, self.outputs = self.outputs[:n], self.outputs[n:]
+        return out
+
+
+@pytest.fixture
+def val_set(tmp_path):
+    # Three images of different sizes, categories 4 and 8 (labels 0 and 1), one image empty.
+    sizes = [(40, 60), (30, 30), (50, 20)]
+    boxes = [[(8, [10, 8, 20, 12]), (4, [40, 0, 20, 40])], [(4, [5, 5, 20, 10])], []]
+    _gt(tmp_path, boxes, cats=(4, 8), sizes=sizes)
+    (tmp_path / "img").mkdir()
+    for i, (h, w) in enumerate(sizes):
+        Image.fromarray(np.zeros((h, w, 3), dtype=np.uint8)).save(tmp_path / "img" / f"{i + 1}.png")
+    ds = CocoDetection(
+        ann_file=tmp_path / "gt.json",
+        img_dir=tmp_path / "img",
+        train=False,
+        scale=80,
+        max_size=1000,
+        skip_empty=False,
+    )
+    return ds
+
+
+def _oracle_outputs(ds):
+    """The ground truth of each image as detections, in the resized input's coordinates."""
+    outs = []
+    for i in range(len(ds)):
+        _, t = ds[i]
+        outs.append(
+            {
+                "boxes": t["boxes"],
+                "scores": torch.full((len(t["labels"]),), 0.9),
+                "labels": t["labels"],
+            }
+        )
+    return outs
+
+
+def test_evaluate_oracle_scores_100_and_writes_results(val_set, tmp_path):
+    loader = build_loader(val_set, batch_size=2, train=False, num_workers=0, size_divisible=32)
+    model = Oracle(_oracle_outputs(val_set))
+    model.train()
+    results = tmp_path / "out" / "results.json"
+    m = evaluate(model, loader, val_set, "cpu", results_file=results)
+    assert m["AP"] == pytest.approx(100.0) and m["AP50"] == pytest.approx(100.0)
+    assert m["num_images"] == 3 and m["num_detections"] == 3
+    assert math.isfinite(m["ms_per_image"]) and m["ms_per_image"] >= 0
+    assert model.training  # mode restored
+    assert model.calls[0][1] == [(80, 120), (80, 80)]  # image_sizes passed through
+    written = json.loads(results.read_text())
+    # Boxes back in original coordinates and category ids, e.g. image 1's cat-8 box.
+    assert {
+        "image_id": 1,
+        "category_id": 8,
+        "bbox": [10.0, 8.0, 20.0, 12.0],
+        "score": pytest.approx(0.9),
+    } in written
+
+
+def test_evaluate_max_images_scores_only_those(val_set):
+    loader = build_loader(val_set, batch_size=1, train=False, num_workers=0, size_divisible=32)
+    outs = _oracle_outputs(val_set)
+    m = evaluate(Oracle(outs), loader, val_set, "cpu", max_images=1)
+    assert m["num_images"] == 1 and m["AP"] == pytest.approx(100.0)  # image 2's gt not counted
+    # Without the restriction, the missed images' boxes count.
+    empty = [{k: v[:0] for k, v in o.items()} for o in outs]
+    m_all = evaluate(Oracle([outs[0], *empty[1:]]), loader, val_set, "cpu")
+    assert m_all["AR100"] == pytest.approx(100 * 1.5 / 2)  # cat 4: 1 of 2 found, cat 8: 1 of 1
+
+
+def test_evaluate_without_detections(val_set):
+    loader = build_loader(val_set, batch_size=3, train=False, num_workers=0, size_divisible=32)
+    outs = [{k: v[:0] for k, v in o.items()} for o in _oracle_outputs(val_set)]
+    m = evaluate(Oracle(outs), loader, val_set, "cpu")
+    assert m["AP"] == 0.0 and m["num_detections"] == 0

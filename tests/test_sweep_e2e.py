@@ -1,0 +1,181 @@
+"""Sweeps end to end in subprocesses (scale=smoke, a temporary MLflow store and sweep folder)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+TESTS = Path(__file__).resolve().parent
+pytestmark = pytest.mark.slow
+
+
+def sweep(tmp_path: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable,
+        "-m",
+        "retina_sweep",
+        *args,
+        "scale=smoke",
+        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+        f"paths.root={tmp_path}/sweeps",
+        f"data.cache_dir={tmp_path}/cache",
+        f"hydra.searchpath=[file://{TESTS}/configs]",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"sweep failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def runs(tmp_path: Path):
+    mlf = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    exp = mlf.get_experiment_by_name("retina_sweep")
+    all_runs = mlf.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in all_runs if r.data.tags.get("is_parent") == "true"]
+    children = [r for r in all_runs if r.data.tags.get("is_parent") != "true"]
+    return mlf, parents, children
+
+
+def test_grid_sweep_parent_children_tags_and_resume(tmp_path: Path) -> None:
+    out = sweep(tmp_path, "+sweep=tiny_grid")
+    mlf, parents, children = runs(tmp_path)
+    assert len(parents) == 1 and len(children) == 2
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["sweep"] == "tiny_grid" and parent.data.tags["table"] == "1b"
+    assert parent.data.metrics["n_finished"] == 2
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    assert {c.data.params["loss.gamma"] for c in children} == {"0.0", "2.0"}
+    for c in children:
+        assert c.info.status == "FINISHED"
+        assert c.data.tags["sweep"] == "tiny_grid" and c.data.tags["table"] == "1b"
+        assert c.data.tags["seed"] == "0" and c.data.tags["cell"].startswith("gamma=")
+        assert "AP" in c.data.metrics
+    assert "[tiny_grid 2/2]" in out.stdout and "ETA" in out.stdout
+
+    # Relaunching the same sweep recomputes nothing and reuses the parent.
+    again = sweep(tmp_path, "+sweep=tiny_grid")
+    assert "0 to run, 2 already finished" in again.stdout
+    _, parents2, children2 = runs(tmp_path)
+    assert len(parents2) == 1 and len(children2) == 2
+
+    # sweep.force=true recomputes both cells.
+    sweep(tmp_path, "+sweep=tiny_grid", "sweep.force=true")
+    _, _, children3 = runs(tmp_path)
+    assert len(children3) == 4
+
+
+def test_listed_rows_run_exactly_and_a_failure_does_not_stop_the_sweep(tmp_path: Path) -> None:
+    # The third row asks for a pretrained checkpoint that does not exist: that trial fails at
+    # build time, the other two finish.
+    out = sweep(tmp_path, "+sweep=tiny_rows", check=False)
+    _, parents, children = runs(tmp_path)
+    got = sorted(
+        (c.data.params["model.anchors.scales_per_octave"], c.data.params["model.anchors.aspect_ratios"])
+        for c in children
+    )
+    assert got == [("1", "[0.5, 2.0]"), ("1", "[1.0]"), ("2", "[0.5, 1.0, 2.0]")]
+    status = {c.data.params["model.anchors.aspect_ratios"]: c.info.status for c in children}
+    assert status == {"[1.0]": "FINISHED", "[0.5, 1.0, 2.0]": "FINISHED", "[0.5, 2.0]": "FAILED"}
+    failed = [c for c in children if c.info.status == "FAILED"][0]
+    assert "nonexistent" in failed.data.tags["error"]
+    assert parents[0].data.metrics["n_failed"] == 1
+    assert "FAILED" in out.stdout
+
+
+def test_two_trials_in_parallel_both_land(tmp_path: Path) -> None:
+    sweep(tmp_path, "+sweep=tiny_grid", "launcher=parallel", "tracking.log_every=1")
+    mlf, parents, children = runs(tmp_path)
+    assert len(children) == 2
+    for c in children:
+        assert c.info.status == "FINISHED"
+        history = mlf.get_metric_history(c.info.run_id, "loss")
+        assert [m.step for m in history] == [1, 2, 3, 4]
+        assert "AP" in c.data.metrics
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, body: dict) -> dict:
+    req = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+def _get(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+def test_mlflow_server_shows_the_sweep_over_rest(tmp_path: Path) -> None:
+    sweep(tmp_path, "+sweep=tiny_grid", "tracking.log_every=1")
+    port = _free_port()
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path}/mlflow.db",
+            "--workers",
+            "1",
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}/api/2.0/mlflow"
+    try:
+        for _ in range(120):
+            try:
+                _get(f"http://127.0.0.1:{port}/health")
+                break
+            except OSError:
+                time.sleep(0.5)
+        exp = _get(f"{base}/experiments/get-by-name?experiment_name=retina_sweep")["experiment"]
+        found = _post(
+            f"{base}/runs/search",
+            {"experiment_ids": [exp["experiment_id"]], "filter": "tags.is_parent = 'true'"},
+        )["runs"]
+        assert len(found) == 1
+        parent_id = found[0]["info"]["run_id"]
+        kids = _post(
+            f"{base}/runs/search",
+            {
+                "experiment_ids": [exp["experiment_id"]],
+                "filter": f"tags.mlflow.parentRunId = '{parent_id}'",
+            },
+        )["runs"]
+        assert len(kids) == 2
+        for kid in kids:
+            params = {p["key"]: p["value"] for p in kid["data"]["params"]}
+            assert params["loss.gamma"] in {"0.0", "2.0"}
+            rid = kid["info"]["run_id"]
+            hist = _get(f"{base}/metrics/get-history?run_id={rid}&metric_key=loss")["metrics"]
+            assert sorted(m["step"] for m in hist) == [1, 2, 3, 4]
+            arts = _get(f"{base}/artifacts/list?run_id={rid}&path=config")["files"]
+            assert "config/resolved.yaml" in {a["path"] for a in arts}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
