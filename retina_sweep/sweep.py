@@ -139,18 +139,21 @@ def finished_hashes(
     if exp is None or not hashes:
         return {}
     found: dict[str, str] = {}
-    for i in range(0, len(hashes), 50):
-        chunk = hashes[i : i + 50]
-        quoted = ", ".join(f"'{h}'" for h in chunk)
+    # MLflow's filter language has no IN / OR for tags: one indexed query per hash.
+    for h in hashes:
         runs = mlf.search_runs(
             [exp.experiment_id],
-            filter_string=f"tags.config_hash IN ({quoted}) AND attributes.status = 'FINISHED'",
-            max_results=5000,
+            filter_string=f"tags.config_hash = '{h}' AND attributes.status = 'FINISHED'",
+            max_results=50,
+            order_by=["attributes.start_time DESC"],
         )
         for r in runs:
             if not include_diverged and r.data.tags.get("outcome") == "diverged":
                 continue
-            found.setdefault(r.data.tags["config_hash"], r.info.run_id)
+            if r.data.tags.get("is_parent") == "true":
+                continue
+            found[h] = r.info.run_id
+            break
     return found
 
 

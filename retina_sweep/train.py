@@ -289,7 +289,7 @@ def train(
         if not torch.isfinite(loss):
             nonfinite += 1
             if nonfinite > int(tcfg.get("max_nonfinite", 0)):
-                raise Diverged(iteration, {k: float(v) for k, v in losses.items()})
+                raise Diverged(iteration, {k: float(v.detach()) for k, v in losses.items()})
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             continue

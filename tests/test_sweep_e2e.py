@@ -149,8 +149,8 @@ def test_mlflow_server_shows_the_sweep_over_rest(tmp_path: Path) -> None:
     try:
         for _ in range(120):
             try:
-                _get(f"http://127.0.0.1:{port}/health")
-                break
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5):
+                    break
             except OSError:
                 time.sleep(0.5)
         exp = _get(f"{base}/experiments/get-by-name?experiment_name=retina_sweep")["experiment"]
