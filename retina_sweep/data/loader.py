@@ -89,6 +89,47 @@ class EpochShuffleSampler(Sampler[int]):
         return self.num_samples
 
 
+class GlobalBatchShardSampler(Sampler[int]):
+    """The `EpochShuffleSampler` order, cut into global batches shared out among the ranks.
+
+    Global batch i is `perm[i*B:(i+1)*B]` with `B = batch_size * world_size`, exactly the batch a
+    single process with batch B would draw; rank r takes its r-th slice of `batch_size` images.
+    So N processes with per-rank batch b step on the same images as one process with batch N*b
+    (torch's DistributedSampler interleaves ranks and draws another permutation instead).
+    Only full global batches are used, as training drops the last incomplete batch.
+    """
+
+    def __init__(
+        self, data_source: Sized, *, batch_size: int, rank: int, world_size: int, seed: int = 0
+    ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        self.order = EpochShuffleSampler(data_source, seed=seed)
+        self.batch_size = int(batch_size)
+        self.rank = int(rank)
+        self.world_size = int(world_size)
+        global_batch = self.batch_size * self.world_size
+        self.num_batches = len(data_source) // global_batch
+        if self.num_batches == 0:
+            raise ValueError(
+                f"the training set has {len(data_source)} images, fewer than the global batch "
+                f"{global_batch}"
+            )
+
+    def set_epoch(self, epoch: int) -> None:
+        self.order.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        perm = list(self.order)
+        b, gb = self.batch_size, self.batch_size * self.world_size
+        for i in range(self.num_batches):
+            start = i * gb + self.rank * b
+            yield from perm[start : start + b]
+
+    def __len__(self) -> int:
+        return self.num_batches * self.batch_size
+
+
 def _seed_worker(worker_id: int) -> None:
     # DataLoader already seeds torch per worker (base_seed + worker_id); extend that seed to
     # numpy and random so any transform using them is reproducible too and not shared by forks.
@@ -118,7 +159,9 @@ def build_loader(
             incomplete batch (a tiny last batch would give a noisy step); evaluation keeps the
             dataset order and every image.
         num_workers: DataLoader worker processes (0 = load in the main process).
-        distributed: shard with `DistributedSampler` (needs an initialised process group).
+        distributed: shard among the ranks of the initialised process group: training with
+            `GlobalBatchShardSampler` (same global batches as one process), evaluation with
+            `DistributedSampler`.
         seed: seeds the shuffling and the workers' RNGs (hence the flips).
         pin_memory: pinned host memory for faster host-to-GPU copies; None = when CUDA is
             available.
@@ -133,10 +176,16 @@ def build_loader(
         drop_last = bool(train)
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
-    if distributed:
-        sampler: Sampler[int] = DistributedSampler(
-            dataset, shuffle=bool(train), seed=int(seed), drop_last=bool(train)
+    if distributed and train:
+        sampler: Sampler[int] = GlobalBatchShardSampler(
+            dataset,
+            batch_size=batch_size,
+            rank=torch.distributed.get_rank(),
+            world_size=torch.distributed.get_world_size(),
+            seed=seed,
         )
+    elif distributed:
+        sampler = DistributedSampler(dataset, shuffle=False, drop_last=False)
     elif train:
         sampler = EpochShuffleSampler(dataset, seed=seed)
     else:
