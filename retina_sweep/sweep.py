@@ -124,9 +124,11 @@ def expand_cells(
                     raise ValueError(f"sweep key {k} is both a grid axis and in a row")
                 overrides[k] = v
             overrides = dict(sorted(overrides.items(), key=lambda kv: "." in kv[0]))
+            # A swept `seed` is the cell's base seed; `seeds` repeats count up from it.
+            first_seed = int(overrides.pop("seed", base_seed))
             label = ",".join(f"{_short(k)}={format_value(v)}" for k, v in overrides.items())
             for s in range(seeds):
-                cells.append(Cell(overrides=overrides, seed=base_seed + s, label=label or "base"))
+                cells.append(Cell(overrides=overrides, seed=first_seed + s, label=label or "base"))
     return cells
 
 

@@ -174,6 +174,8 @@ def train(
     from .data.loader import build_loader
     from .evaluation import evaluate
 
+    t_start = time.perf_counter()
+    timings = {"train": 0.0, "eval": 0.0}
     device = pick_device(cfg.device, local_rank)
     distributed = world_size > 1
     tcfg = cfg.train
@@ -259,8 +261,10 @@ def train(
     def run_eval(max_images: int | None) -> dict[str, float] | None:
         if rank != 0:
             return None
+        tic = time.perf_counter()
         metrics = evaluate(raw_model, val_loader, data.val, device, max_images=max_images)
         model.train()
+        timings["eval"] += time.perf_counter() - tic
         return metrics
 
     # The data order after a resume is re-seeded from the iteration reached (weights, optimizer
@@ -277,10 +281,12 @@ def train(
 
         progress = tqdm(total=iterations, initial=start_iter, desc="train", dynamic_ncols=True)
 
+    timings["setup"] = time.perf_counter() - t_start
     window_images, window_start = 0, time.perf_counter()
     sums: dict[str, float] = {}
     nonfinite = 0
     for iteration in range(start_iter, iterations):
+        tic = time.perf_counter()
         images, targets, image_sizes = next(batches)
         images, targets = to_device(images, targets, device)
         with torch.autocast(device_type=device.type, enabled=use_amp):
@@ -303,6 +309,7 @@ def train(
         scaler.update()
         scheduler.step()
 
+        timings["train"] += time.perf_counter() - tic
         window_images += images.shape[0] * world_size
         for k, v in losses.items():
             sums[k] = sums.get(k, 0.0) + float(v.detach())
@@ -344,6 +351,8 @@ def train(
     metrics = run_eval(None)
     if distributed:
         torch.distributed.barrier()
+    # Where the wall time went (the bench command reads these to measure the run overhead).
+    tracker.log_metrics({f"time_{k}_s": v for k, v in timings.items()}, step=iterations)
     return metrics or {}
 
 
@@ -375,6 +384,7 @@ def run_worker(
     cfg: DictConfig, *, rank: int = 0, world_size: int = 1, local_rank: int = 0
 ) -> float:
     """The body of `run` in one process (rank) of a possibly distributed run."""
+    t_start = time.perf_counter()
     chash = config_hash(cfg)
     tracker = tracker_from_config(cfg, rank=rank)
     tags = {
@@ -426,6 +436,7 @@ def run_worker(
         raise
 
     final = {k: metrics[k] for k in FINAL_KEYS if k in metrics}
+    final["time_total_s"] = time.perf_counter() - t_start
     tracker.log_metrics(final, step=int(cfg.train.iterations))
     if "summary" in metrics and tracker.run_id:
         tracker.log_text(str(metrics["summary"]), "eval/coco_summary.txt")

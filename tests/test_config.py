@@ -17,9 +17,7 @@ GROUPS = {
 }
 
 
-@pytest.mark.parametrize(
-    ("group", "option"), [(g, o) for g, opts in GROUPS.items() for o in opts]
-)
+@pytest.mark.parametrize(("group", "option"), [(g, o) for g, opts in GROUPS.items() for o in opts])
 def test_every_group_option_composes_and_validates(group: str, option: str) -> None:
     extra = ["data.root=/nonexistent/coco"] if option == "coco" else []
     cfg = compose_config([f"{group}={option}", *extra], hydra=group == "launcher")

@@ -11,99 +11,35 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torchvision.models.detection import RetinaNet as TVRetinaNet
-from torchvision.models.detection.anchor_utils import AnchorGenerator as TVAnchorGenerator
-from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.image_list import ImageList
-from torchvision.models.detection.retinanet import RetinaNetHead
-from torchvision.models.resnet import BasicBlock, ResNet
-from torchvision.ops import FrozenBatchNorm2d
-from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from retina_sweep.model import build_retinanet
 from retina_sweep.sampling import FocalStrategy
+from retina_sweep.torchvision_twin import (
+    TWIN_SETTINGS,
+    build_torchvision_twin,
+    copy_weights_to_torchvision,
+)
 
 SIZE, K, CH, N = 128, 5, 32, 2
 
 
 def _ours(**overrides):
     cfg = dict(
+        TWIN_SETTINGS,
         num_classes=K,
         depth=10,
-        freeze_at=0,
-        backbone_norm="frozen_bn",
         fpn_channels=CH,
-        min_level=3,
-        max_level=7,
-        truncate_anchor_sizes=True,
-        round_cell_anchors=True,
-        head_convs=4,
         head_channels=CH,
         strategy=FocalStrategy(alpha=0.25, gamma=2.0),
-        box_loss="l1",
-        normalizer="per_image",
         detections_per_img=100,
     )
     cfg.update(overrides)
     return build_retinanet(**cfg)
 
 
-def _theirs() -> TVRetinaNet:
-    body = ResNet(BasicBlock, [1, 1, 1, 1], norm_layer=FrozenBatchNorm2d)
-    backbone = BackboneWithFPN(
-        body,
-        return_layers={"layer2": "0", "layer3": "1", "layer4": "2"},
-        in_channels_list=[128, 256, 512],
-        out_channels=CH,
-        # in_channels (512) != out_channels: P6 from C5, as the paper.
-        extra_blocks=LastLevelP6P7(512, CH),
-    )
-    sizes = tuple(
-        (x, int(x * 2 ** (1.0 / 3)), int(x * 2 ** (2.0 / 3))) for x in [32, 64, 128, 256, 512]
-    )
-    anchor_generator = TVAnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
-    return TVRetinaNet(
-        backbone,
-        num_classes=K,
-        min_size=SIZE,
-        max_size=SIZE,
-        image_mean=[0.0, 0.0, 0.0],
-        image_std=[1.0, 1.0, 1.0],
-        anchor_generator=anchor_generator,
-        head=RetinaNetHead(CH, 9, K),
-        score_thresh=0.05,
-        nms_thresh=0.5,
-        detections_per_img=100,
-        topk_candidates=1000,
-    )
-
-
-def _copy_weights(ours, theirs) -> None:
-    """Our state dict -> torchvision's key names."""
-    mapping = {}
-    for key, value in ours.state_dict().items():
-        if key.startswith("backbone."):
-            new = "backbone.body." + key[len("backbone.") :]
-        elif key.startswith("fpn.fpn."):
-            new = "backbone.fpn." + key[len("fpn.fpn.") :]
-        elif key.startswith("fpn.extra."):
-            new = "backbone.fpn.extra_blocks." + key[len("fpn.extra.") :]
-        elif key.startswith("head.cls_subnet."):
-            idx, rest = key[len("head.cls_subnet.") :].split(".", 1)
-            new = f"head.classification_head.conv.{int(idx) // 2}.0.{rest}"
-        elif key.startswith("head.bbox_subnet."):
-            idx, rest = key[len("head.bbox_subnet.") :].split(".", 1)
-            new = f"head.regression_head.conv.{int(idx) // 2}.0.{rest}"
-        elif key.startswith("head.cls_score."):
-            new = "head.classification_head.cls_logits." + key.rsplit(".", 1)[1]
-        elif key.startswith("head.bbox_pred."):
-            new = "head.regression_head.bbox_reg." + key.rsplit(".", 1)[1]
-        elif key == "loss_normalizer":
-            continue
-        else:
-            raise AssertionError(f"unmapped key {key}")
-        mapping[new] = value
-    theirs.load_state_dict(mapping, strict=True)
+def _theirs():
+    return build_torchvision_twin(depth=10, num_classes=K, channels=CH, image_size=SIZE)
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +61,7 @@ def models():
             elif name.endswith(("running_mean", "bias")):
                 buf.normal_(0.0, 0.1)
     theirs = _theirs()
-    _copy_weights(ours, theirs)
+    copy_weights_to_torchvision(ours, theirs)
     return ours, theirs
 
 

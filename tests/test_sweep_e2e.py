@@ -81,7 +81,10 @@ def test_listed_rows_run_exactly_and_a_failure_does_not_stop_the_sweep(tmp_path:
     out = sweep(tmp_path, "+sweep=tiny_rows", check=False)
     _, parents, children = runs(tmp_path)
     got = sorted(
-        (c.data.params["model.anchors.scales_per_octave"], c.data.params["model.anchors.aspect_ratios"])
+        (
+            c.data.params["model.anchors.scales_per_octave"],
+            c.data.params["model.anchors.aspect_ratios"],
+        )
         for c in children
     )
     assert got == [("1", "[0.5, 2.0]"), ("1", "[1.0]"), ("2", "[0.5, 1.0, 2.0]")]

@@ -40,7 +40,10 @@ def test_gamma_preset_is_table_1b_grid() -> None:
 def test_anchors_preset_is_listed_rows_not_a_product() -> None:
     _, cells = cells_of("anchors")
     rows = [
-        (c.overrides["model.anchors.scales_per_octave"], len(c.overrides["model.anchors.aspect_ratios"]))
+        (
+            c.overrides["model.anchors.scales_per_octave"],
+            len(c.overrides["model.anchors.aspect_ratios"]),
+        )
         for c in cells
     ]
     assert rows == [(1, 1), (2, 1), (3, 1), (1, 3), (2, 3), (3, 3), (4, 3)]
@@ -49,7 +52,11 @@ def test_anchors_preset_is_listed_rows_not_a_product() -> None:
 def test_ohem_preset_is_table_1d() -> None:
     _, cells = cells_of("ohem")
     got = [
-        (c.overrides["loss"], c.overrides.get("loss.batch_size"), c.overrides.get("loss.nms_thresh"))
+        (
+            c.overrides["loss"],
+            c.overrides.get("loss.batch_size"),
+            c.overrides.get("loss.nms_thresh"),
+        )
         for c in cells
     ]
     ohem = [("ohem", b, n) for n in (0.7, 0.5) for b in (128, 256, 512)]
@@ -130,3 +137,9 @@ def test_grid_and_rows_cross() -> None:
     ]
     with pytest.raises(ValueError, match="a.x"):
         expand_cells(grid={"a.x": [1]}, rows=[{"a.x": 2}])
+
+
+def test_a_swept_seed_is_the_cells_seed() -> None:
+    cells = expand_cells(grid=None, rows=None, cli_sweeps={"seed": [5, 7]}, seeds=2)
+    assert [(c.seed, c.overrides) for c in cells] == [(5, {}), (6, {}), (7, {}), (8, {})]
+    assert cells[0].override_list()[0] == "seed=5"

@@ -79,7 +79,13 @@ class RetinaGridSweeper(Sweeper):
     # -- the sweep ---------------------------------------------------------------------------
     def sweep(self, arguments: list[str]) -> Any:
         from retina_sweep.config import config_hash, validate
-        from retina_sweep.sweep import ParentRun, Progress, expand_cells, finished_hashes, sweep_hash
+        from retina_sweep.sweep import (
+            ParentRun,
+            Progress,
+            expand_cells,
+            finished_hashes,
+            sweep_hash,
+        )
         from retina_sweep.tracking import client
 
         cfg = self.config
@@ -130,8 +136,7 @@ class RetinaGridSweeper(Sweeper):
                 "rows": OmegaConf.to_container(spec.rows, resolve=True),
                 "seeds": int(spec.seeds),
                 "cells": [
-                    {"label": c.label, "seed": c.seed, "config_hash": c.config_hash}
-                    for c in cells
+                    {"label": c.label, "seed": c.seed, "config_hash": c.config_hash} for c in cells
                 ],
             }
             parent = ParentRun.open(
