@@ -114,55 +114,59 @@ def _pair(depth: int, channels: int, size: int, num_classes: int, device: torch.
     return ours, theirs
 
 
+def _bench_pair(
+    depth: int, channels: int, size: int, batch: int, *, repeats: int, device: torch.device
+) -> dict[str, float]:
+    num_classes = 80
+    ours, theirs = _pair(depth, channels, size, num_classes, device)
+    images, targets = _inputs(batch, size, num_classes, device)
+    image_list = list(images)
+    opt_a = torch.optim.SGD(ours.parameters(), lr=1e-4, momentum=0.9)
+    opt_b = torch.optim.SGD(theirs.parameters(), lr=1e-4, momentum=0.9)
+
+    def step_ours() -> None:
+        losses = ours(images, targets)
+        opt_a.zero_grad(set_to_none=True)
+        sum(losses.values()).backward()
+        opt_a.step()
+
+    def step_theirs() -> None:
+        losses = theirs(image_list, targets)
+        opt_b.zero_grad(set_to_none=True)
+        sum(losses.values()).backward()
+        opt_b.step()
+
+    ours.train(), theirs.train()
+    train = time_alternating({"ours": step_ours, "tv": step_theirs}, repeats=repeats)
+
+    @torch.no_grad()
+    def infer_ours() -> None:
+        ours(images)
+
+    @torch.no_grad()
+    def infer_theirs() -> None:
+        theirs(image_list)
+
+    ours.eval(), theirs.eval()
+    infer = time_alternating({"ours": infer_ours, "tv": infer_theirs}, repeats=repeats)
+    return {
+        "train_ours": 1 / train["ours"],
+        "train_tv": 1 / train["tv"],
+        "train_ratio": train["tv"] / train["ours"],
+        "infer_ours": batch / infer["ours"],
+        "infer_tv": batch / infer["tv"],
+        "infer_ratio": infer["tv"] / infer["ours"],
+    }
+
+
 def bench_model(*, quick: bool, device: torch.device) -> list[dict]:
     rows = []
     settings = [("proxy", 10, 64, 128, 8), ("paper width", 50, 256, 512, 2)]
     for label, depth, channels, size, batch in settings:
-        num_classes = 80
-        ours, theirs = _pair(depth, channels, size, num_classes, device)
-        images, targets = _inputs(batch, size, num_classes, device)
-        image_list = list(images)
-        opt_a = torch.optim.SGD(ours.parameters(), lr=1e-4, momentum=0.9)
-        opt_b = torch.optim.SGD(theirs.parameters(), lr=1e-4, momentum=0.9)
-
-        def step_ours() -> None:
-            losses = ours(images, targets)
-            opt_a.zero_grad(set_to_none=True)
-            sum(losses.values()).backward()
-            opt_a.step()
-
-        def step_theirs() -> None:
-            losses = theirs(image_list, targets)
-            opt_b.zero_grad(set_to_none=True)
-            sum(losses.values()).backward()
-            opt_b.step()
-
         repeats = 3 if quick else (15 if depth == 10 else 5)
-        ours.train(), theirs.train()
-        train = time_alternating({"ours": step_ours, "tv": step_theirs}, repeats=repeats)
-
-        ours.eval(), theirs.eval()
-
-        @torch.no_grad()
-        def infer_ours() -> None:
-            ours(images)
-
-        @torch.no_grad()
-        def infer_theirs() -> None:
-            theirs(image_list)
-
-        infer = time_alternating({"ours": infer_ours, "tv": infer_theirs}, repeats=repeats)
-        rows.append(
-            {
-                "setting": f"{label}: R{depth}, {channels} ch, {size} px, batch {batch}",
-                "train_ours": 1 / train["ours"],
-                "train_tv": 1 / train["tv"],
-                "train_ratio": train["tv"] / train["ours"],
-                "infer_ours": batch / infer["ours"],
-                "infer_tv": batch / infer["tv"],
-                "infer_ratio": infer["tv"] / infer["ours"],
-            }
-        )
+        row = _bench_pair(depth, channels, size, batch, repeats=repeats, device=device)
+        row["setting"] = f"{label}: R{depth}, {channels} ch, {size} px, batch {batch}"
+        rows.append(row)
     return rows
 
 
@@ -249,13 +253,13 @@ def bench_overhead(*, quick: bool) -> dict:
                 capture_output=True,
             )
             walls.append(time.perf_counter() - tic)
-        single = [
-            m for m in _metrics_of(Path(tmp) / "m.db") if m.get("time_total_s") is not None
-        ][: len(walls)]
+        single = [m for m in _metrics_of(Path(tmp) / "m.db") if m.get("time_total_s") is not None][
+            : len(walls)
+        ]
         inside = [m["time_train_s"] + m["time_eval_s"] for m in single]
         in_run = [m["time_total_s"] - m["time_train_s"] - m["time_eval_s"] for m in single]
 
-        n = 4
+        n = 3 if quick else 6
         tic = time.perf_counter()
         subprocess.run(
             [
