@@ -204,7 +204,11 @@ def train(
 
     # The same seed builds the same initial weights on every rank (DDP also broadcasts them).
     torch.manual_seed(int(cfg.seed))
-    strategy = instantiate(cfg.loss, _convert_="all")
+    extra = {}
+    if world_size > 1 and cfg.loss.get("seed") is not None:
+        # A seeded sampler (random 1:3) must draw differently on each rank's images.
+        extra["seed"] = int(cfg.loss.seed) + rank
+    strategy = instantiate(cfg.loss, _convert_="all", **extra)
     model = instantiate(cfg.model, strategy=strategy, _convert_="all").to(device)
     raw_model = model
     if distributed:
