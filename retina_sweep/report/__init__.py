@@ -1,0 +1,157 @@
+"""`python -m retina_sweep.report`: the paper's Table 1 rebuilt from tracked runs.
+
+`build_report(...)` is the library function behind the command (and `make demo`): it reads the
+runs from MLflow, builds every table that has runs (or the ones asked for), writes Markdown,
+LaTeX, CSV and HTML per table, the figures and an `index.html`, logs the files as artifacts of the
+sweep's MLflow parent run, and returns the Markdown text and the paths written.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from .core import (
+    Table,
+    build_table,
+    load_paper,
+    load_runs,
+    load_specs,
+    resolve_cross_checks,
+)
+
+__all__ = ["build_report", "Report"]
+
+log = logging.getLogger(__name__)
+FORMATS = ("md", "tex", "csv", "html")
+
+
+@dataclass
+class Report:
+    markdown: str
+    out_dir: Path
+    tables: dict[str, Table]
+    files: list[Path] = field(default_factory=list)
+    index: Path | None = None
+
+
+def build_report(
+    *,
+    tracking_uri: str | None = None,
+    experiment: str = "retina_sweep",
+    table: str | None = None,
+    sweep: str | None = None,
+    formats: list[str] | tuple[str, ...] = FORMATS,
+    out: str | Path | None = None,
+    log_to_parent: bool = True,
+) -> Report:
+    """Build the report (see module docstring). `table`/`sweep` narrow it; `out` is its folder."""
+    from ..tracking import resolve_uri
+    from . import figures
+    from .render import to_markdown, write_index, write_table
+
+    bad = sorted(set(formats) - set(FORMATS))
+    if bad:
+        raise ValueError(f"format must be a subset of {','.join(FORMATS)}, got {bad}")
+    uri = resolve_uri(tracking_uri)
+    specs = load_specs()
+    if table is not None and table not in specs:
+        raise ValueError(f"table must be one of {', '.join(specs)}, got {table!r}")
+    paper = load_paper()
+    all_runs = load_runs(tracking_uri=uri, experiment=experiment, sweep=sweep)
+
+    if table is not None:
+        wanted = [table]
+    elif sweep is not None:
+        wanted = [tid for tid, s in specs.items() if s.sweep == sweep]
+        if not all_runs.empty and "tags.table" in all_runs:
+            wanted += [t for t in all_runs["tags.table"].dropna().unique() if t in specs]
+        wanted = list(dict.fromkeys(wanted))
+    else:
+        present = set(all_runs["tags.table"].dropna()) if "tags.table" in all_runs else set()
+        wanted = [tid for tid in specs if tid in present] or list(specs)
+
+    # Cross-table checks (1b vs 1a) need the other table too, even when not shown.
+    needed = set(wanted) | {
+        c["other"] for tid in wanted for c in specs[tid].checks if c.get("other")
+    }
+    tables: dict[str, Table] = {}
+    for tid in [t for t in specs if t in needed]:
+        runs = all_runs
+        if sweep is not None and tid not in wanted:
+            runs = load_runs(tracking_uri=uri, experiment=experiment)
+        if not runs.empty and "tags.table" in runs:
+            runs = runs[runs["tags.table"] == tid]
+        else:
+            runs = pd.DataFrame()
+        tables[tid] = build_table(specs[tid], runs, paper)
+    resolve_cross_checks(tables)
+
+    name = sweep or table or "all"
+    out_dir = Path(out) if out is not None else Path("reports") / name
+    files: list[Path] = []
+    shown = [tables[t] for t in wanted]
+    for t in shown:
+        files += write_table(t, out_dir, list(formats))
+    figs = _figures(shown, paper, out_dir / "figures", figures)
+    files += figs
+    index = None
+    if "html" in formats:
+        index = write_index(out_dir, shown, figs, f"retina_sweep report: {name}")
+        files.append(index)
+    markdown = "\n".join(to_markdown(t) for t in shown)
+    if log_to_parent and sweep is not None:
+        _log_to_parent(uri, experiment, sweep, out_dir)
+    return Report(markdown, out_dir, tables, files, index)
+
+
+def _figures(tables: list[Table], paper: pd.DataFrame, fig_dir: Path, figures) -> list[Path]:
+    out = [p for p in figures.focal_loss_curves(fig_dir / "fig1_focal_loss")]
+    for t in tables:
+        rows = t.rows[t.rows["AP"].notna()] if "AP" in t.rows else t.rows
+        if rows.empty:
+            continue
+        p = paper[paper["table"] == t.spec.id]
+        if t.spec.id == "1a":
+            out += figures.ap_vs_param(
+                fig_dir / "ap_vs_alpha",
+                rows,
+                x="alpha",
+                paper=p,
+                paper_x="alpha",
+                title="CE (gamma 0): AP vs alpha (Table 1(a))",
+            )
+        elif t.spec.id == "1b":
+            out += figures.ap_vs_param(
+                fig_dir / "ap_vs_gamma",
+                rows,
+                x="gamma",
+                paper=p,
+                paper_x="gamma",
+                title="FL: AP vs gamma, best alpha (Table 1(b))",
+            )
+        elif t.spec.id == "1e" and "ms_per_image" in rows:
+            out += figures.speed_accuracy(fig_dir / "speed_accuracy", rows, p)
+    return out
+
+
+def _log_to_parent(uri: str, experiment: str, sweep: str, out_dir: Path) -> None:
+    """Attach the report files to the sweep's latest MLflow parent run."""
+    from ..tracking import client, retry
+
+    mlf = client(uri)
+    exp = mlf.get_experiment_by_name(experiment)
+    if exp is None:
+        return
+    parents = mlf.search_runs(
+        [exp.experiment_id],
+        filter_string=f"tags.is_parent = 'true' AND tags.sweep = '{sweep}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if parents:
+        retry(lambda: mlf.log_artifacts(parents[0].info.run_id, str(out_dir), "report"))
+        log.info("report logged to parent run %s", parents[0].info.run_id)

@@ -1,0 +1,49 @@
+"""`python -m retina_sweep.report [table=1b] [sweep=NAME] [format=md,tex,csv,html] [out=DIR]
+[tracking_uri=URI] [experiment=NAME]`: key=value arguments, like the main command's overrides."""
+
+from __future__ import annotations
+
+import sys
+
+from . import FORMATS, build_report
+
+KEYS = ("table", "sweep", "format", "out", "tracking_uri", "experiment")
+
+
+def parse(argv: list[str]) -> dict[str, str]:
+    args: dict[str, str] = {}
+    for item in argv:
+        key, sep, value = item.partition("=")
+        if not sep or key not in KEYS:
+            raise SystemExit(
+                f"report: unknown argument {item!r}; use key=value with key one of "
+                + ", ".join(KEYS)
+            )
+        args[key] = value
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(list(sys.argv[1:] if argv is None else argv))
+    formats = args.get("format", ",".join(FORMATS)).split(",")
+    try:
+        report = build_report(
+            tracking_uri=args.get("tracking_uri"),
+            experiment=args.get("experiment", "retina_sweep"),
+            table=args.get("table"),
+            sweep=args.get("sweep"),
+            formats=[f.strip() for f in formats if f.strip()],
+            out=args.get("out"),
+        )
+    except ValueError as exc:
+        raise SystemExit(f"report: {exc}") from exc
+    print(report.markdown)
+    if report.index is not None:
+        print(f"report written to {report.out_dir}/ (open {report.index})")
+    else:
+        print(f"report written to {report.out_dir}/")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

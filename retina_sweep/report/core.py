@@ -1,0 +1,394 @@
+"""Tables of the paper's Table 1 rebuilt from MLflow runs, with the paper's values beside ours.
+
+Pipeline: `load_runs` (mlflow.search_runs -> pandas, parents dropped) -> `latest_per_config`
+(the latest FINISHED run of each config hash; a config with none keeps its latest run so its
+failure shows) -> `build_table(spec, runs, paper)` (rows keyed by the spec's params, seeds
+aggregated as mean ± std with n, best-over selection, paper match, difference, Spearman, headline
+checks). Every table is described by data (`tables.yaml`), not by code.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+__all__ = [
+    "TableSpec",
+    "Table",
+    "load_specs",
+    "load_paper",
+    "load_runs",
+    "latest_per_config",
+    "build_table",
+    "METHOD_NAMES",
+]
+
+METHOD_NAMES = {"focal": "FL", "ohem": "OHEM", "ohem_1to3": "OHEM 1:3", "random_1to3": "random 1:3"}
+OK = "ok"
+
+
+@dataclass
+class TableSpec:
+    id: str
+    title: str
+    sweep: str
+    keys: list[dict[str, Any]]
+    metrics: list[str]
+    best_over: list[dict[str, Any]] = field(default_factory=list)
+    paper: dict[str, Any] | None = None
+    checks: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def key_names(self) -> list[str]:
+        return [k["name"] for k in self.keys]
+
+
+@dataclass
+class Table:
+    spec: TableSpec
+    rows: pd.DataFrame  # display-ready numbers: key columns, metric means/stds/n, paper, diff
+    spearman: float | None
+    spearman_n: int
+    checks: list[dict[str, Any]]
+    paper_reference: pd.DataFrame | None  # paper rows when none of ours match (other scale)
+    num_runs: int
+
+
+def load_specs(path: str | Path | None = None) -> dict[str, TableSpec]:
+    """The table registry (`tables.yaml` beside this module unless `path`)."""
+    if path is None:
+        text = resources.files("retina_sweep.report").joinpath("tables.yaml").read_text()
+    else:
+        text = Path(path).read_text()
+    raw = yaml.safe_load(text)["tables"]
+    return {tid: TableSpec(id=str(tid), **spec) for tid, spec in raw.items()}
+
+
+def load_paper(path: str | Path | None = None) -> pd.DataFrame:
+    """The paper's Table 1 (a)-(e), as shipped in `retina_sweep/reference/paper_table1.csv`."""
+    if path is None:
+        ref = resources.files("retina_sweep").joinpath("reference/paper_table1.csv")
+        with resources.as_file(ref) as p:
+            return pd.read_csv(p, dtype={"table": str})
+    return pd.read_csv(path, dtype={"table": str})
+
+
+def load_runs(
+    *,
+    tracking_uri: str,
+    experiment: str = "retina_sweep",
+    sweep: str | None = None,
+    table: str | None = None,
+    parent_run_id: str | None = None,
+) -> pd.DataFrame:
+    """Trial runs (parents dropped) with `mlflow.search_runs`, as a pandas DataFrame."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    if mlflow.get_experiment_by_name(experiment) is None:
+        return pd.DataFrame()
+    filters = []
+    if sweep:
+        filters.append(f"tags.sweep = '{sweep}'")
+    if table:
+        filters.append(f"tags.table = '{table}'")
+    if parent_run_id:
+        filters.append(f"tags.mlflow.parentRunId = '{parent_run_id}'")
+    df = mlflow.search_runs(
+        experiment_names=[experiment],
+        filter_string=" AND ".join(filters),
+        max_results=50000,
+        output_format="pandas",
+    )
+    if df.empty:
+        return df
+    if "tags.is_parent" in df:
+        df = df[df["tags.is_parent"].fillna("") != "true"]
+    return df.reset_index(drop=True)
+
+
+def run_state(row: pd.Series) -> str:
+    """ok | diverged | pruned | failed | killed | running, from MLflow status and outcome tag."""
+    outcome = row.get("tags.outcome")
+    status = row.get("status")
+    if status == "FINISHED":
+        return "diverged" if outcome == "diverged" else OK
+    if status == "FAILED":
+        return "failed"
+    if status == "KILLED":
+        return "pruned" if outcome == "pruned" else "killed"
+    return "running"
+
+
+def latest_per_config(df: pd.DataFrame) -> pd.DataFrame:
+    """Keep, per config hash, the latest FINISHED run, else the latest run of any status."""
+    if df.empty:
+        return df
+    df = df.copy()
+    df["state"] = df.apply(run_state, axis=1)
+    hash_col = "tags.config_hash"
+    if hash_col not in df:
+        df[hash_col] = df["run_id"]
+    df[hash_col] = df[hash_col].fillna(df["run_id"])
+    df = df.sort_values("start_time")
+    finished = df[df["status"] == "FINISHED"].groupby(hash_col).tail(1)
+    others = df[~df[hash_col].isin(finished[hash_col])].groupby(hash_col).tail(1)
+    return pd.concat([finished, others]).sort_values("start_time").reset_index(drop=True)
+
+
+def _parse(value: Any) -> Any:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, str):
+        try:
+            return ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            return {"null": None, "None": None, "true": True, "false": False}.get(value, value)
+    return value
+
+
+def _key_value(key: dict[str, Any], row: pd.Series) -> Any:
+    raw = _parse(row.get(f"params.{key['param']}"))
+    transform = key.get("transform")
+    if transform == "count":
+        return len(raw) if isinstance(raw, list | tuple) else raw
+    if transform == "method":
+        return METHOD_NAMES.get(raw, raw)
+    if transform == "levels":
+        lo = _parse(row.get("params.model.fpn.min_level"))
+        hi = _parse(row.get("params.model.fpn.max_level"))
+        variant = _parse(row.get("params.model.fpn.variant"))
+        return "C5 only" if variant == "c5_only" else f"P{lo}-P{hi}"
+    if isinstance(raw, float) and raw.is_integer() and key.get("integer"):
+        return int(raw)
+    return raw
+
+
+def _norm(v: Any) -> Any:
+    """A comparable form of a key value (3 == 3.0, NaN/None == missing)."""
+    if v is None:
+        return None
+    if isinstance(v, float):
+        if math.isnan(v):
+            return None
+        return round(v, 6)
+    if isinstance(v, int | np.integer) and not isinstance(v, bool):
+        return round(float(v), 6)
+    return v
+
+
+def _fmt_state(states: list[str]) -> str:
+    counts: dict[str, int] = {}
+    for s in states:
+        counts[s] = counts.get(s, 0) + 1
+    return ", ".join(f"{v} {k}" for k, v in sorted(counts.items(), key=lambda kv: kv[0] != OK))
+
+
+def _aggregate(group: pd.DataFrame, metrics: list[str]) -> dict[str, Any]:
+    ok = group[group["state"] == OK]
+    out: dict[str, Any] = {"n": len(ok), "state": _fmt_state(list(group["state"]))}
+    for m in metrics:
+        col = f"metrics.{m}"
+        values = ok[col].dropna().astype(float) if col in ok else pd.Series(dtype=float)
+        out[m] = float(values.mean()) if len(values) else math.nan
+        out[f"{m} std"] = float(values.std(ddof=1)) if len(values) > 1 else math.nan
+    return out
+
+
+def _paper_rows(spec: TableSpec, paper: pd.DataFrame) -> pd.DataFrame:
+    p = paper[paper["table"] == spec.paper["table"]].copy()
+    rename = {src: dst for src, dst in spec.paper["match"].items()}
+    out = pd.DataFrame({dst: p[src].map(_norm_paper) for src, dst in rename.items()})
+    for m in spec.metrics:
+        src = "time_ms" if m == "ms_per_image" else m
+        out[f"paper {m}"] = p[src].values if src in p else math.nan
+    for src, dst in (spec.paper.get("show") or {}).items():
+        out[dst] = p[src].values
+    return out.reset_index(drop=True)
+
+
+def _norm_paper(v: Any) -> Any:
+    if isinstance(v, float) and math.isnan(v):
+        return None
+    return v
+
+
+def build_table(spec: TableSpec, runs: pd.DataFrame, paper: pd.DataFrame | None) -> Table:
+    """One table of the report from the runs of its sweep/table (see module docstring)."""
+    names = spec.key_names
+    best_names = [b["name"] for b in spec.best_over]
+    records: list[dict[str, Any]] = []
+    if not runs.empty:
+        runs = latest_per_config(runs)
+        keyed = runs.copy()
+        for key in spec.keys + spec.best_over:
+            keyed[key["name"]] = [_key_value(key, r) for _, r in keyed.iterrows()]
+        group_cols = names + best_names
+        normed = keyed[group_cols].map(_norm)
+        keyed["_gkey"] = [tuple(r) for r in normed.itertuples(index=False)]
+        for gkey, group in keyed.groupby("_gkey", sort=False):
+            rec = dict(zip(group_cols, [group.iloc[0][c] for c in group_cols], strict=True))
+            rec["_key"] = gkey[: len(names)]
+            rec.update(_aggregate(group, spec.metrics))
+            records.append(rec)
+    ours = pd.DataFrame(records)
+    if best_names and not ours.empty:
+        # Per row key, keep the best_over value with the highest mean AP (as the paper's 1(b)).
+        ours["_ap"] = ours["AP"].fillna(-math.inf)
+        ours = ours.sort_values("_ap", ascending=False).groupby("_key", sort=False).head(1)
+        ours = ours.drop(columns="_ap")
+
+    paper_ref = None
+    if spec.paper and paper is not None:
+        prow = _paper_rows(spec, paper)
+        prow["_key"] = [tuple(_norm(v) for v in r) for r in prow[names].itertuples(index=False)]
+        our_keys = set(ours["_key"]) if not ours.empty else set()
+        if not our_keys:
+            # No runs yet: the table says so and shows the paper's rows for reference.
+            paper_ref = prow.drop(columns="_key")
+            merged = ours
+        elif not our_keys & set(prow["_key"]):
+            # Ours ran at another scale (e.g. the proxy's depth x scale grid): no row matches.
+            paper_ref = prow.drop(columns="_key")
+            merged = ours
+        else:
+            if ours.empty:
+                merged = prow.copy()
+            else:
+                merged = ours.merge(prow.drop(columns=names), on="_key", how="outer")
+                for i, n in enumerate(names):
+                    fill = merged["_key"].map(lambda k, i=i: k[i])
+                    merged[n] = merged[n].where(merged[n].notna(), fill)
+            if "state" not in merged:
+                merged["state"] = math.nan
+            merged["state"] = merged["state"].fillna("missing")
+            if "n" not in merged:
+                merged["n"] = 0
+            merged["n"] = merged["n"].fillna(0).astype(int)
+            for m in spec.metrics:
+                if m not in merged:
+                    merged[m] = math.nan
+                    merged[f"{m} std"] = math.nan
+            merged["Δ AP"] = merged["AP"] - merged["paper AP"]
+    else:
+        merged = ours
+    if not merged.empty:
+        merged = _sort_rows(merged, spec)
+    rho, n_rho = _spearman(merged)
+    checks = run_checks(spec, merged)
+    n_runs = 0 if runs.empty else len(runs)
+    return Table(spec, merged.reset_index(drop=True), rho, n_rho, checks, paper_ref, n_runs)
+
+
+def _sort_rows(df: pd.DataFrame, spec: TableSpec) -> pd.DataFrame:
+    if spec.paper and "paper AP" in df:
+        # Paper order first (its rows keep their published order), ours-only rows after.
+        df = df.copy()
+        df["_order"] = range(len(df))
+        return df.sort_values("_order", kind="stable").drop(columns="_order")
+    try:
+        return df.sort_values(spec.key_names, kind="stable")
+    except TypeError:
+        return df
+
+
+def _spearman(df: pd.DataFrame) -> tuple[float | None, int]:
+    if df.empty or "paper AP" not in df or "AP" not in df:
+        return None, 0
+    both = df[["AP", "paper AP"]].dropna()
+    if len(both) < 3 or both["AP"].nunique() < 2 or both["paper AP"].nunique() < 2:
+        return None, len(both)
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(both["AP"], both["paper AP"]).statistic), len(both)
+
+
+# ---------------------------------------------------------------------------------------------
+# Headline checks
+# ---------------------------------------------------------------------------------------------
+def _match(df: pd.DataFrame, where: dict[str, Any]) -> pd.Series:
+    mask = pd.Series(True, index=df.index)
+    for col, want in where.items():
+        wants = want if isinstance(want, list) else [want]
+        mask &= df[col].map(_norm).isin([_norm(w) for w in wants])
+    return mask
+
+
+def _spread(rows: pd.DataFrame) -> float:
+    stds = rows["AP std"].dropna() if "AP std" in rows else pd.Series(dtype=float)
+    return float(stds.max()) if len(stds) else 0.0
+
+
+def run_checks(spec: TableSpec, df: pd.DataFrame, others: dict[str, Table] | None = None):
+    """Evaluate the spec's headline checks; each result says holds / fails / n/a and why."""
+    results = []
+    have = df[df["AP"].notna()] if not df.empty and "AP" in df else pd.DataFrame()
+    for check in spec.checks:
+        res = {"name": check["name"], "status": "n/a", "detail": "not enough finished rows"}
+        kind = check["kind"]
+        if kind == "beats_table":
+            res["detail"] = f"needs table {check['other']} (computed in the full report)"
+            res["_deferred"] = check
+        elif len(have) >= 2:
+            if kind in ("lowest", "near_best"):
+                sel = have[_match(have, check["row"])]
+                if len(sel):
+                    value = float(sel["AP"].iloc[0])
+                    rest = have.drop(sel.index)
+                    spread = _spread(have)
+                    if kind == "lowest":
+                        margin = float(rest["AP"].min()) - value
+                        ok = margin > 0
+                    else:
+                        margin = value - float(have["AP"].max())
+                        ok = margin >= -max(1.0, 2 * spread)
+                    res.update(_verdict(ok, margin, spread))
+            elif kind == "best_below":
+                a = have[_match(have, check["rows"])]
+                b = have[_match(have, check["than"])]
+                if len(a) and len(b):
+                    margin = float(b["AP"].max()) - float(a["AP"].max())
+                    res.update(_verdict(margin > 0, margin, _spread(pd.concat([a, b]))))
+        results.append(res)
+    return results
+
+
+def _verdict(ok: bool, margin: float, spread: float) -> dict[str, str]:
+    beyond = abs(margin) > 2 * spread if spread > 0 else None
+    note = "" if beyond is None else (" (beyond the seed spread)" if beyond else " (within noise)")
+    return {
+        "status": "holds" if ok else "fails",
+        "detail": f"margin {margin:+.1f} AP, largest seed std {spread:.1f}{note}",
+    }
+
+
+def resolve_cross_checks(tables: dict[str, Table]) -> None:
+    """Checks that compare two tables (e.g. best FL of 1(b) > best CE of 1(a))."""
+    for table in tables.values():
+        for res in table.checks:
+            check = res.pop("_deferred", None)
+            if check is None:
+                continue
+            other = tables.get(check["other"])
+            mine = table.rows["AP"].dropna() if "AP" in table.rows else pd.Series(dtype=float)
+            theirs = (
+                other.rows["AP"].dropna()
+                if other is not None and "AP" in other.rows
+                else pd.Series(dtype=float)
+            )
+            if len(mine) and len(theirs):
+                margin = float(mine.max()) - float(theirs.max())
+                spread = max(_spread(table.rows), _spread(other.rows))
+                res.update(_verdict(margin > 0, margin, spread))
+            else:
+                res["detail"] = (
+                    f"needs finished runs in tables {table.spec.id} and {check['other']}"
+                )

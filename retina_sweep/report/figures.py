@@ -1,0 +1,175 @@
+"""Figures of the report (matplotlib, PNG + PDF), each computed, never drawn from fixed numbers.
+
+- `focal_loss_curves`: the paper's Figure 1, FL(p_t) = -(1 - p_t)^gamma log(p_t).
+- `ap_vs_param`: AP against alpha (CE, Table 1(a)) or gamma (FL, Table 1(b)) from the runs.
+- `speed_accuracy`: AP against inference ms per image (Table 1(e)), like the paper's Figure 2.
+- `loss_cdf` / `plot_loss_cdf`: the paper's Figure 4, the cumulative distribution of the
+  normalised focal loss over positive and over negative anchors, for several gamma.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+from ..losses import sigmoid_focal_loss  # noqa: E402
+
+__all__ = ["focal_loss_curves", "ap_vs_param", "speed_accuracy", "loss_cdf", "plot_loss_cdf"]
+
+
+def _save(fig, path: Path) -> list[Path]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path.with_suffix(".png"), dpi=120, bbox_inches="tight")
+    fig.savefig(path.with_suffix(".pdf"), bbox_inches="tight")
+    plt.close(fig)
+    return [path.with_suffix(".png"), path.with_suffix(".pdf")]
+
+
+def focal_loss_curves(path: Path, gammas: Sequence[float] = (0, 0.5, 1, 2, 5)) -> list[Path]:
+    """Figure 1 of the paper: loss against the probability of the ground-truth class."""
+    p = torch.linspace(0.001, 1.0, 500)
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for g in gammas:
+        # FL on a positive (target 1) with logit log(p / (1 - p)), alpha disabled: -(1-p)^g log p
+        logits = torch.logit(p.clamp(max=1 - 1e-6))
+        loss = sigmoid_focal_loss(logits, torch.ones_like(p), alpha=-1, gamma=float(g))
+        ax.plot(p.numpy(), loss.numpy(), label=f"γ = {g:g}")
+    ax.set_xlabel("probability of ground truth class")
+    ax.set_ylabel("loss")
+    ax.set_ylim(0, 5)
+    ax.set_xlim(0, 1)
+    ax.legend(title="focal loss")
+    ax.set_title("Focal loss (Fig. 1 of the paper, computed)")
+    return _save(fig, path)
+
+
+def ap_vs_param(
+    path: Path,
+    rows: pd.DataFrame,
+    *,
+    x: str,
+    series: str | None = None,
+    paper: pd.DataFrame | None = None,
+    paper_x: str | None = None,
+    title: str = "",
+) -> list[Path]:
+    """AP (mean ± std over seeds) against `x`, one line per `series` value; the paper dashed."""
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    groups = [(None, rows)] if series is None else list(rows.groupby(series))
+    for label, df in groups:
+        df = df.sort_values(x)
+        ax.errorbar(
+            df[x].astype(float),
+            df["AP"],
+            yerr=df.get("AP std", pd.Series(np.nan, index=df.index)).fillna(0),
+            marker="o",
+            capsize=3,
+            label=("ours" if label is None else f"ours, {series} = {label:g}"),
+        )
+    if paper is not None and paper_x is not None:
+        ps = paper.sort_values(paper_x)
+        ax.plot(ps[paper_x].astype(float), ps["AP"], "k--", marker="s", label="paper (COCO)")
+    ax.set_xlabel(x)
+    ax.set_ylabel("AP")
+    ax.set_title(title)
+    if x in ("alpha",):
+        ax.set_xscale("logit")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def speed_accuracy(path: Path, rows: pd.DataFrame, paper: pd.DataFrame | None) -> list[Path]:
+    """AP against inference time per image (ours, measured here; the paper's on an M40)."""
+    ncols = 2 if paper is not None and len(paper) else 1
+    fig, axes = plt.subplots(1, ncols, figsize=(5.5 * ncols, 4), squeeze=False)
+    ax = axes[0, 0]
+    for depth, df in rows.groupby("depth"):
+        df = df.sort_values("ms_per_image")
+        ax.plot(df["ms_per_image"], df["AP"], marker="o", label=f"R{depth}")
+        for _, r in df.iterrows():
+            ax.annotate(f"{r['scale']:g}", (r["ms_per_image"], r["AP"]), fontsize=7)
+    ax.set_xlabel("inference time (ms / image, this machine)")
+    ax.set_ylabel("AP")
+    ax.set_title("ours")
+    ax.legend()
+    if ncols == 2:
+        ax2 = axes[0, 1]
+        for depth, df in paper.groupby("depth"):
+            df = df.sort_values("time_ms")
+            ax2.plot(df["time_ms"], df["AP"], marker="s", linestyle="--", label=f"R{depth}-FPN")
+        ax2.set_xlabel("inference time (ms, paper's M40 GPU)")
+        ax2.set_title("paper (another machine)")
+        ax2.legend()
+    fig.suptitle("Speed / accuracy (cf. Fig. 2 of the paper)")
+    return _save(fig, path)
+
+
+def loss_cdf(
+    cls_logits: torch.Tensor,
+    cls_targets: torch.Tensor,
+    anchor_state: torch.Tensor,
+    gammas: Sequence[float] = (0, 0.5, 1, 2),
+    *,
+    alpha: float = -1.0,
+) -> dict[float, dict[str, np.ndarray]]:
+    """The paper's Figure 4: normalised loss CDFs over positive and negative anchors.
+
+    Args:
+        cls_logits: (M, K) logits of M anchors.
+        cls_targets: (M, K) one-hot targets (all zero for background).
+        anchor_state: (M,) 1 foreground, 0 background, -1 ignore (dropped).
+        gammas: the focal loss gammas to evaluate on the same predictions.
+
+    Returns:
+        {gamma: {"pos": y, "neg": y, "pos_x": x, "neg_x": x}}: for each group, the per-anchor
+        loss (summed over classes) normalised to sum to 1, sorted ascending, and its cumulative
+        sum `y` against the fraction of anchors `x` in (0, 1].
+    """
+    if cls_logits.shape != cls_targets.shape or cls_logits.dim() != 2:
+        raise ValueError("cls_logits and cls_targets must both be (M, K)")
+    if anchor_state.shape != cls_logits.shape[:1]:
+        raise ValueError("anchor_state must be (M,)")
+    out: dict[float, dict[str, np.ndarray]] = {}
+    for g in gammas:
+        per = sigmoid_focal_loss(cls_logits.float(), cls_targets.float(), alpha=alpha, gamma=g)
+        per = per.sum(dim=1)
+        curves: dict[str, np.ndarray] = {}
+        for name, mask in (("pos", anchor_state == 1), ("neg", anchor_state == 0)):
+            values = per[mask].detach().double()
+            if values.numel() == 0 or float(values.sum()) == 0.0:
+                curves[name], curves[f"{name}_x"] = np.zeros(0), np.zeros(0)
+                continue
+            values = torch.sort(values / values.sum()).values
+            curves[name] = torch.cumsum(values, 0).numpy()
+            n = values.numel()
+            curves[f"{name}_x"] = np.arange(1, n + 1) / n
+        out[float(g)] = curves
+    return out
+
+
+def plot_loss_cdf(path: Path, cdf: dict[float, dict[str, np.ndarray]]) -> list[Path]:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for g, c in cdf.items():
+        for ax, name in zip(axes, ("pos", "neg"), strict=True):
+            if len(c[name]):
+                ax.plot(c[f"{name}_x"], c[name], label=f"γ = {g:g}")
+    for ax, name in zip(axes, ("positive", "negative"), strict=True):
+        ax.set_xlabel(f"fraction of {name} samples")
+        ax.set_ylabel("cumulative normalized loss")
+        ax.set_title(f"{name} samples")
+        ax.legend()
+    fig.suptitle("Cumulative distribution of the normalised loss (cf. Fig. 4 of the paper)")
+    return _save(fig, path)
+
+
+def is_number(v) -> bool:
+    return isinstance(v, int | float) and not (isinstance(v, float) and math.isnan(v))

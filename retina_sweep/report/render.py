@@ -1,0 +1,249 @@
+"""Render report tables as Markdown, LaTeX (booktabs), CSV and HTML, and the index page."""
+
+from __future__ import annotations
+
+import html
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .core import Table
+
+__all__ = ["display_frame", "to_markdown", "to_latex", "to_html", "write_table", "write_index"]
+
+
+def _num(v: Any, digits: int = 1) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}" if not v.is_integer() or digits else f"{v:g}"
+    return str(v)
+
+
+def _key(v: Any) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+def display_frame(table: Table) -> pd.DataFrame:
+    """The table as strings, in the paper's layout: keys | ours (mean ± std) | paper | Δ | runs."""
+    spec, df = table.spec, table.rows
+    cols: dict[str, list[str]] = {}
+    if df.empty:
+        return pd.DataFrame()
+    for name in spec.key_names + [b["name"] for b in spec.best_over]:
+        cols[name] = [_key(v) for v in df.get(name, [None] * len(df))]
+    for m in spec.metrics:
+        digits = 0 if m == "ms_per_image" else 1
+        label = "ms/img" if m == "ms_per_image" else m
+        cols[label] = [
+            _num(mean, digits) + (f" ± {std:.1f}" if not math.isnan(std) else "")
+            if not (isinstance(mean, float) and math.isnan(mean))
+            else "—"
+            for mean, std in zip(df[m], df.get(f"{m} std", [math.nan] * len(df)), strict=True)
+        ]
+    for extra in [c for c in df.columns if c.startswith("paper ") and not _is_metric_col(c)]:
+        cols[extra] = [_key(v) for v in df[extra]]
+    for m in spec.metrics:
+        col = f"paper {m}"
+        if col in df:
+            label = "paper time (M40)" if m == "ms_per_image" else col
+            if label in cols:
+                continue
+            cols[label] = [_num(v, 0 if m == "ms_per_image" else 1) for v in df[col]]
+    if "Δ AP" in df:
+        cols["Δ AP"] = ["—" if math.isnan(v) else f"{v:+.1f}" for v in df["Δ AP"].astype(float)]
+    cols["runs"] = [str(state) for state in df["state"]]
+    return pd.DataFrame(cols)
+
+
+def _is_metric_col(col: str) -> bool:
+    return col in {
+        f"paper {m}" for m in ("AP", "AP50", "AP75", "APs", "APm", "APl", "ms_per_image")
+    }
+
+
+def _trend_lines(table: Table) -> list[str]:
+    lines = []
+    if table.spearman is not None:
+        lines.append(
+            f"Spearman rank correlation of our AP with the paper's over {table.spearman_n} rows: "
+            f"**{table.spearman:+.2f}**"
+        )
+    elif table.spec.paper:
+        lines.append(
+            f"Spearman rank correlation: n/a ({table.spearman_n} rows with both values; needs 3)"
+        )
+    for c in table.checks:
+        mark = {"holds": "✔", "fails": "✘"}.get(c["status"], "?")
+        lines.append(f"{mark} {c['name']}: **{c['status']}** — {c['detail']}")
+    return lines
+
+
+def to_markdown(table: Table) -> str:
+    df = display_frame(table)
+    out = [f"### {table.spec.title}", ""]
+    if df.empty:
+        out.append(
+            f"_No runs yet._ Produce them with `python -m retina_sweep +sweep={table.spec.sweep}`."
+        )
+        return "\n".join(out) + "\n"
+    header = "| " + " | ".join(df.columns) + " |"
+    sep = "|" + "|".join("---" for _ in df.columns) + "|"
+    out += [header, sep]
+    out += ["| " + " | ".join(row) + " |" for row in df.itertuples(index=False)]
+    out.append("")
+    out += [f"- {line}" for line in _trend_lines(table)]
+    if table.paper_reference is not None:
+        out += [
+            "",
+            "None of our rows has the paper's settings (another scale); the paper's rows, for "
+            "reference:",
+            "",
+        ]
+        ref = table.paper_reference
+        out.append("| " + " | ".join(ref.columns) + " |")
+        out.append("|" + "|".join("---" for _ in ref.columns) + "|")
+        for row in ref.itertuples(index=False):
+            out.append("| " + " | ".join(_key(v) for v in row) + " |")
+    out.append("")
+    out.append(
+        "_Ours: mean ± std over seeds of the latest finished run per config; paper: Lin et al., "
+        "Focal Loss for Dense Object Detection, Table 1 (COCO minival, ResNet-50/101-FPN)._"
+    )
+    return "\n".join(out) + "\n"
+
+
+def _tex_escape(s: str) -> str:
+    for a, b in (
+        ("\\", r"\textbackslash{}"),
+        ("&", r"\&"),
+        ("%", r"\%"),
+        ("_", r"\_"),
+        ("#", r"\#"),
+        ("±", r"$\pm$"),
+        ("Δ", r"$\Delta$"),
+        ("—", "--"),
+        ("✔", "yes"),
+        ("✘", "no"),
+    ):
+        s = s.replace(a, b)
+    return s
+
+
+def to_latex(table: Table) -> str:
+    df = display_frame(table)
+    if df.empty:
+        return f"% {table.spec.title}: no runs yet\n"
+    lines = [
+        r"\begin{table}[t]",
+        r"\centering",
+        r"\begin{tabular}{" + "l" * len(df.columns) + "}",
+        r"\toprule",
+        " & ".join(_tex_escape(c) for c in df.columns) + r" \\",
+        r"\midrule",
+    ]
+    lines += [
+        " & ".join(_tex_escape(v) for v in row) + r" \\" for row in df.itertuples(index=False)
+    ]
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    lines.append(r"\caption{" + _tex_escape(table.spec.title) + "}")
+    lines.append(r"\end{table}")
+    return "\n".join(lines) + "\n"
+
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem;color:#222;max-width:1200px}
+table{border-collapse:collapse;margin:1rem 0;font-size:14px}
+th,td{border-bottom:1px solid #ddd;padding:4px 10px;text-align:right}
+th{background:#f3f3f3} td:first-child,th:first-child{text-align:left}
+li{margin:.2rem 0} .fig{max-width:560px;border:1px solid #eee;margin:.5rem}
+code{background:#f5f5f5;padding:1px 4px}
+"""
+
+
+def to_html(table: Table) -> str:
+    df = display_frame(table)
+    body = [f"<h2>{html.escape(table.spec.title)}</h2>"]
+    if df.empty:
+        body.append(
+            f"<p><em>No runs yet.</em> Produce them with "
+            f"<code>python -m retina_sweep +sweep={html.escape(table.spec.sweep)}</code>.</p>"
+        )
+    else:
+        body.append(df.to_html(index=False, escape=True, border=0))
+        body.append(
+            "<ul>" + "".join(f"<li>{_md_inline(x)}</li>" for x in _trend_lines(table)) + "</ul>"
+        )
+        if table.paper_reference is not None:
+            body.append("<p>None of our rows has the paper's settings; the paper's rows:</p>")
+            body.append(table.paper_reference.to_html(index=False, border=0, na_rep="—"))
+    return _page(table.spec.title, "\n".join(body))
+
+
+def _md_inline(s: str) -> str:
+    s = html.escape(s)
+    parts = s.split("**")
+    return "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts))
+
+
+def _page(title: str, body: str) -> str:
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{CSS}</style></head><body>{body}</body></html>\n"
+    )
+
+
+def write_table(table: Table, out_dir: Path, formats: list[str]) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"table_{table.spec.id}"
+    written = []
+    if "md" in formats:
+        written.append(out_dir / f"{stem}.md")
+        written[-1].write_text(to_markdown(table))
+    if "tex" in formats:
+        written.append(out_dir / f"{stem}.tex")
+        written[-1].write_text(to_latex(table))
+    if "csv" in formats:
+        written.append(out_dir / f"{stem}.csv")
+        table.rows.drop(columns=[c for c in table.rows.columns if c.startswith("_")]).to_csv(
+            written[-1], index=False
+        )
+    if "html" in formats:
+        written.append(out_dir / f"{stem}.html")
+        written[-1].write_text(to_html(table))
+    return written
+
+
+def write_index(out_dir: Path, tables: list[Table], figures: list[Path], title: str) -> Path:
+    parts = [f"<h1>{html.escape(title)}</h1>"]
+    parts.append(
+        "<p>Rebuilt from tracked MLflow runs by <code>python -m retina_sweep.report</code>; "
+        "paper values from Lin et al., <i>Focal Loss for Dense Object Detection</i>, Table 1.</p>"
+    )
+    for t in tables:
+        link = f"table_{t.spec.id}.html"
+        parts.append(to_html(t).split("<body>", 1)[1].rsplit("</body>", 1)[0])
+        parts.append(
+            f"<p>Files: <a href='{link}'>html</a> · <a href='table_{t.spec.id}.md'>md</a> · "
+            f"<a href='table_{t.spec.id}.tex'>tex</a> · <a href='table_{t.spec.id}.csv'>csv</a></p>"
+        )
+    if figures:
+        parts.append("<h2>Figures</h2>")
+        for f in figures:
+            if f.suffix == ".png":
+                rel = f.relative_to(out_dir).as_posix()
+                pdf = rel[:-4] + ".pdf"
+                parts.append(
+                    f"<figure><img class='fig' src='{rel}' alt='{html.escape(f.stem)}'>"
+                    f"<figcaption>{html.escape(f.stem)} (<a href='{pdf}'>pdf</a>)</figcaption>"
+                    "</figure>"
+                )
+    path = out_dir / "index.html"
+    path.write_text(_page(title, "\n".join(parts)))
+    return path

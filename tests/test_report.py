@@ -1,0 +1,228 @@
+"""The report rebuilds the paper's tables from a constructed MLflow store with known runs."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+
+from retina_sweep.report import build_report
+from retina_sweep.report.core import build_table, latest_per_config, load_paper, load_specs
+from retina_sweep.report.figures import loss_cdf
+from retina_sweep.report.render import to_latex, to_markdown
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        self.uri = f"sqlite:///{path}/m.db"
+        self.mlf = MlflowClient(tracking_uri=self.uri)
+        self.exp = self.mlf.create_experiment(
+            "retina_sweep", artifact_location=(path / "a").as_uri()
+        )
+        self.t = 0
+
+    def run(
+        self,
+        *,
+        table,
+        sweep,
+        params,
+        ap,
+        seed=0,
+        status="FINISHED",
+        outcome="completed",
+        chash=None,
+        extra=None,
+    ):
+        self.t += 1
+        tags = {
+            "table": table,
+            "sweep": sweep,
+            "seed": str(seed),
+            "outcome": outcome,
+            "config_hash": chash or f"{sweep}-{sorted(params.items())}-{seed}",
+        }
+        run = self.mlf.create_run(self.exp, start_time=1_000_000 + self.t, tags=tags)
+        metrics = []
+        if ap is not None:
+            metrics = [
+                Metric("AP", ap, 0, 0),
+                Metric("AP50", ap + 10, 0, 0),
+                Metric("AP75", ap - 5, 0, 0),
+            ]
+        for k, v in (extra or {}).items():
+            metrics.append(Metric(k, v, 0, 0))
+        self.mlf.log_batch(
+            run.info.run_id, metrics=metrics, params=[Param(k, str(v)) for k, v in params.items()]
+        )
+        self.mlf.set_terminated(run.info.run_id, status=status)
+        return run.info.run_id
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    s = Store(tmp_path)
+    # Table 1(a): CE over alpha, 2 seeds each; alpha .10 collapses.
+    for alpha, aps in {
+        0.1: (0.5, 0.7),
+        0.25: (10.0, 12.0),
+        0.5: (20.0, 22.0),
+        0.75: (25.0, 27.0),
+    }.items():
+        for seed, ap in enumerate(aps):
+            s.run(
+                table="1a",
+                sweep="alpha",
+                params={"loss.alpha": alpha, "loss.gamma": 0.0},
+                ap=ap,
+                seed=seed,
+            )
+    # 0.9: failed, 0.99: diverged; 0.999 never ran.
+    s.run(
+        table="1a",
+        sweep="alpha",
+        params={"loss.alpha": 0.9, "loss.gamma": 0.0},
+        ap=None,
+        status="FAILED",
+        outcome="failed",
+    )
+    s.run(
+        table="1a",
+        sweep="alpha",
+        params={"loss.alpha": 0.99, "loss.gamma": 0.0},
+        ap=None,
+        outcome="diverged",
+    )
+    # Table 1(b): gamma x alpha; best alpha per gamma must be picked.
+    grid = {
+        (0.0, 0.25): 5.0,
+        (0.0, 0.75): 26.0,
+        (1.0, 0.25): 30.0,
+        (1.0, 0.75): 28.0,
+        (2.0, 0.25): 31.0,
+        (2.0, 0.75): 29.0,
+        (5.0, 0.25): 24.0,
+        (5.0, 0.75): 20.0,
+    }
+    for (gamma, alpha), ap in grid.items():
+        s.run(table="1b", sweep="gamma", params={"loss.gamma": gamma, "loss.alpha": alpha}, ap=ap)
+    # A duplicate of (2.0, 0.25) with the same config hash, started later: the latest wins.
+    h = "gamma-dup"
+    s.run(table="1b", sweep="gamma", params={"loss.gamma": 2.0, "loss.alpha": 0.5}, ap=1.0, chash=h)
+    s.run(
+        table="1b", sweep="gamma", params={"loss.gamma": 2.0, "loss.alpha": 0.5}, ap=33.0, chash=h
+    )
+    return s
+
+
+def test_table_1a_cells_seeds_and_missing(store: Store) -> None:
+    report = build_report(tracking_uri=store.uri, table="1a", out=Path(store.uri[10:]).parent / "r")
+    rows = report.tables["1a"].rows.set_index("alpha")
+    assert rows.loc[0.25, "AP"] == pytest.approx(11.0)
+    assert rows.loc[0.25, "AP std"] == pytest.approx(math.sqrt(2.0))
+    assert rows.loc[0.25, "n"] == 2
+    assert rows.loc[0.9, "state"] == "1 failed" and math.isnan(rows.loc[0.9, "AP"])
+    assert rows.loc[0.99, "state"] == "1 diverged"
+    assert rows.loc[0.999, "state"] == "missing"
+    # the paper's values beside ours (Table 1(a): alpha .75 -> 31.1 / 49.4 / 33.0)
+    assert rows.loc[0.75, "paper AP"] == pytest.approx(31.1)
+    assert rows.loc[0.75, "paper AP50"] == pytest.approx(49.4)
+    assert rows.loc[0.75, "Δ AP"] == pytest.approx(26.0 - 31.1)
+    md = report.markdown
+    assert "| 0.999 |" in md and "missing" in md and "failed" in md and "diverged" in md
+
+
+def test_table_1b_best_alpha_duplicates_and_trends(store: Store, tmp_path: Path) -> None:
+    report = build_report(tracking_uri=store.uri, sweep="gamma", out=tmp_path / "g")
+    t = report.tables["1b"]
+    rows = t.rows.set_index("gamma")
+    assert rows.loc[0.0, "best alpha"] == 0.75 and rows.loc[0.0, "AP"] == 26.0
+    assert rows.loc[1.0, "best alpha"] == 0.25 and rows.loc[1.0, "AP"] == 30.0
+    # the later duplicate (33.0) replaced the earlier run (1.0) of the same config
+    assert rows.loc[2.0, "best alpha"] == 0.5 and rows.loc[2.0, "AP"] == 33.0
+    assert rows.loc[2.0, "paper AP"] == pytest.approx(34.0)  # paper: gamma 2, alpha .25
+    assert rows.loc[0.1, "state"] == "missing"
+    # Spearman over gammas {0, 1, 2, 5}: ours 26, 30, 33, 24 vs paper 31.1, 33.7, 34.0, 32.2
+    # ranks ours (2, 3, 4, 1), paper (1, 3, 4, 2): rho = 1 - 6 * (1 + 0 + 0 + 1) / (4 * 15) = 0.8
+    assert t.spearman == pytest.approx(0.8)
+    checks = {c["name"]: c for c in t.checks}
+    assert checks["gamma 2 is at or near the best gamma"]["status"] == "holds"
+    # best FL (33) beats best CE (26, from table 1(a) of the same store)
+    assert checks["the best focal loss beats the best alpha-balanced CE"]["status"] == "holds"
+    for suffix in ("md", "tex", "csv", "html"):
+        assert (tmp_path / "g" / f"table_1b.{suffix}").exists()
+    assert (tmp_path / "g" / "index.html").read_text().count("<table") >= 1
+    assert (tmp_path / "g" / "figures" / "ap_vs_gamma.png").exists()
+    assert (tmp_path / "g" / "figures" / "fig1_focal_loss.pdf").exists()
+
+
+def test_lowest_check_fails_when_the_row_is_not_lowest(store: Store) -> None:
+    spec = load_specs()["1a"]
+    from retina_sweep.report.core import load_runs
+
+    runs = load_runs(tracking_uri=store.uri, table="1a")
+    runs.loc[runs["params.loss.alpha"] == "0.1", "metrics.AP"] = 99.0
+    t = build_table(spec, runs, load_paper())
+    assert t.checks[0]["status"] == "fails"
+
+
+def test_latest_finished_run_per_config_wins_over_a_later_failure(store: Store) -> None:
+    from retina_sweep.report.core import load_runs
+
+    h = "same-config"
+    store.run(table="1a", sweep="alpha", params={"loss.alpha": 0.5}, ap=21.0, chash=h)
+    store.run(
+        table="1a",
+        sweep="alpha",
+        params={"loss.alpha": 0.5},
+        ap=None,
+        chash=h,
+        status="FAILED",
+        outcome="failed",
+    )
+    kept = latest_per_config(load_runs(tracking_uri=store.uri, table="1a"))
+    kept = kept[kept["tags.config_hash"] == h]
+    assert len(kept) == 1 and kept.iloc[0]["state"] == "ok"
+
+
+def test_paper_reference_values_spot_checks() -> None:
+    paper = load_paper()
+    row = paper[(paper["table"] == "1b") & (paper["gamma"] == 2.0)].iloc[0]
+    assert (row["alpha"], row["AP"]) == (0.25, 34.0)
+    assert paper[(paper["table"] == "1d") & (paper["method"] == "FL")]["AP"].item() == 36.0
+    e = paper[(paper["table"] == "1e") & (paper["depth"] == 101) & (paper["scale"] == 800)]
+    assert e["AP"].item() == 37.8 and e["time_ms"].item() == 198
+
+
+def test_a_table_without_runs_names_its_sweep(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    report = build_report(tracking_uri=store.uri, table="1c", out=tmp_path / "c")
+    assert "python -m retina_sweep +sweep=anchors" in report.markdown
+    assert "% Table 1(c)" in to_latex(report.tables["1c"])
+    assert "No runs yet" in to_markdown(report.tables["1c"])
+
+
+def test_bad_arguments_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="table must be one of"):
+        build_report(tracking_uri=f"sqlite:///{tmp_path}/m.db", table="9z")
+    with pytest.raises(ValueError, match="format"):
+        build_report(tracking_uri=f"sqlite:///{tmp_path}/m.db", formats=["docx"])
+
+
+def test_loss_cdf_matches_a_hand_computation() -> None:
+    # 2 positives, 2 negatives, one class; gamma 0 -> plain BCE per anchor.
+    logits = torch.tensor([[2.0], [0.0], [-3.0], [1.0]])
+    targets = torch.tensor([[1.0], [1.0], [0.0], [0.0]])
+    state = torch.tensor([1, 1, 0, 0])
+    out = loss_cdf(logits, targets, state, gammas=(0.0, 2.0))
+    pos = torch.nn.functional.softplus(-torch.tensor([2.0, 0.0]))  # -log sigmoid(x)
+    pos = torch.sort(pos / pos.sum()).values
+    assert out[0.0]["pos"] == pytest.approx(torch.cumsum(pos, 0).numpy())
+    assert out[0.0]["pos_x"] == pytest.approx([0.5, 1.0])
+    assert out[0.0]["neg"][-1] == pytest.approx(1.0)
+    # a larger gamma concentrates the negatives' loss on the hard one (logit 1.0)
+    assert out[2.0]["neg"][0] < out[0.0]["neg"][0]
