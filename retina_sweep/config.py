@@ -198,6 +198,15 @@ def validate(cfg: DictConfig, rules: Iterable[Rule] = RULES) -> None:
                 raise ConfigError(f"missing config key {key}: the focal loss needs it")
     elif _get(cfg, "loss.batch_size") in (None, _MISSING):
         raise ConfigError(f"missing config key loss.batch_size: the {name} strategy needs it")
+    if (
+        _get(cfg, "model.backbone.pretrained") == "synthetic"
+        and _get(cfg, "data.kind") != "synthetic"
+    ):
+        raise ConfigError(
+            "invalid config value model.backbone.pretrained='synthetic': the proxy-pretrained "
+            "backbone exists only for data=synthetic; use a checkpoint path or a torchvision "
+            "weights name (IMAGENET1K_V1)"
+        )
     if _get(cfg, "data.kind") == "coco" and not _get(cfg, "data.root"):
         raise ConfigError(
             "missing config key data.root: data=coco needs the COCO root folder "

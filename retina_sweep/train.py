@@ -146,6 +146,18 @@ def to_device(images, targets, device: torch.device):
     return images, moved
 
 
+def synthetic_backbone(cfg: DictConfig) -> Path:
+    """`model.backbone.pretrained: synthetic`: the cached backbone pretrained on the proxy."""
+    from .pretrain import synthetic_pretrained_backbone
+
+    return synthetic_pretrained_backbone(
+        depth=int(cfg.model.backbone.depth),
+        norm=str(cfg.model.backbone.norm),
+        synthetic=OmegaConf.to_container(cfg.data.synthetic, resolve=True),
+        cache_dir=cfg.data.get("cache_dir"),
+    )
+
+
 def build_pruner(cfg: DictConfig) -> Any | None:
     """The optional pruning callback (`cfg.pruning`, set by the Optuna sweeper)."""
     node = cfg.get("pruning")
@@ -209,7 +221,13 @@ def train(
         # A seeded sampler (random 1:3) must draw differently on each rank's images.
         extra["seed"] = int(cfg.loss.seed) + rank
     strategy = instantiate(cfg.loss, _convert_="all", **extra)
-    model = instantiate(cfg.model, strategy=strategy, _convert_="all").to(device)
+    model_kwargs: dict[str, Any] = {}
+    if cfg.model.backbone.get("pretrained") == "synthetic":
+        model_kwargs["backbone"] = {
+            **OmegaConf.to_container(cfg.model.backbone, resolve=True),
+            "pretrained": str(synthetic_backbone(cfg)),
+        }
+    model = instantiate(cfg.model, strategy=strategy, _convert_="all", **model_kwargs).to(device)
     raw_model = model
     if distributed:
         model = torch.nn.parallel.DistributedDataParallel(
