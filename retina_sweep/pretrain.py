@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["PretrainRecipe", "synthetic_pretrained_backbone", "PRETRAIN_VERSION"]
 
-PRETRAIN_VERSION = "1"
+PRETRAIN_VERSION = "2"
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ def _load_split(json_path: Path, img_dir: Path):
     images, boxes, labels = [], [], []
     for info in data["images"]:
         with Image.open(img_dir / info["file_name"]) as im:
-            images.append(torch.from_numpy(np.asarray(im.convert("RGB"))).permute(2, 0, 1))
+            images.append(torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1))
         items = anns.get(info["id"], [])
         b = torch.tensor(
             [[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in items)],
@@ -154,6 +154,7 @@ def synthetic_pretrained_backbone(
     tic = time.perf_counter()
     images, boxes, labels, num_classes = _load_split(splits.train_json, splits.train_images)
     block, layers = DEPTHS[depth]
+    torch.manual_seed(recipe.seed)  # the pretraining is deterministic on CPU
     # "frozen_bn" in the detector loads BN statistics: pretrain with real BN.
     net = ResNet(
         block,
@@ -162,7 +163,6 @@ def synthetic_pretrained_backbone(
         norm_layer=_norm_layer(norm if norm == "gn" else "bn"),
     )
     g = torch.Generator().manual_seed(recipe.seed)
-    torch.manual_seed(recipe.seed)
     opt = torch.optim.SGD(
         net.parameters(), lr=recipe.lr, momentum=0.9, weight_decay=recipe.weight_decay
     )

@@ -1,0 +1,57 @@
+"""The proxy's pretrained backbone: trained once, cached by content, loadable by the detector."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import compose_config
+
+from retina_sweep import pretrain
+from retina_sweep.config import ConfigError, validate
+from retina_sweep.model.backbone import ResNetBackbone
+from retina_sweep.pretrain import PretrainRecipe, synthetic_pretrained_backbone
+
+TINY = dict(num_train=12, num_val=4, image_size=[64, 128], seed=3)
+RECIPE = PretrainRecipe(steps=3, batch_size=8, crop=32)
+
+
+def test_pretrained_backbone_is_cached_and_loads(tmp_path: Path, monkeypatch) -> None:
+    path = synthetic_pretrained_backbone(
+        depth=10, norm="bn", synthetic=TINY, cache_dir=tmp_path, recipe=RECIPE
+    )
+    assert path.exists() and path.parent == tmp_path / "pretrained"
+    state = torch.load(path, weights_only=True)
+    assert not any(k.startswith("fc.") for k in state)
+
+    # A second call with the same dataset and recipe reuses the file without training.
+    def boom(*a, **k):
+        raise AssertionError("retrained on a cache hit")
+
+    monkeypatch.setattr(pretrain, "_load_split", boom)
+    assert (
+        synthetic_pretrained_backbone(
+            depth=10, norm="bn", synthetic=TINY, cache_dir=tmp_path, recipe=RECIPE
+        )
+        == path
+    )
+    # Another dataset is another key.
+    with pytest.raises(AssertionError, match="retrained"):
+        synthetic_pretrained_backbone(
+            depth=10, norm="bn", synthetic={**TINY, "seed": 4}, cache_dir=tmp_path, recipe=RECIPE
+        )
+
+    backbone = ResNetBackbone(depth=10, pretrained=path, norm="bn")
+    for key, value in state.items():
+        torch.testing.assert_close(backbone.state_dict()[key], value, msg=key)
+    # It learned something: the first conv moved away from a fresh init with the same seed.
+    torch.manual_seed(RECIPE.seed)
+    fresh = ResNetBackbone(depth=10, norm="bn")
+    assert not torch.allclose(fresh.conv1.weight, backbone.conv1.weight)
+
+
+def test_synthetic_pretraining_needs_the_synthetic_dataset() -> None:
+    cfg = compose_config(["data=coco", "data.root=/x", "model.backbone.pretrained=synthetic"])
+    with pytest.raises(ConfigError, match=r"model\.backbone\.pretrained"):
+        validate(cfg)
