@@ -19,7 +19,8 @@ GROUPS = {
 
 @pytest.mark.parametrize(("group", "option"), [(g, o) for g, opts in GROUPS.items() for o in opts])
 def test_every_group_option_composes_and_validates(group: str, option: str) -> None:
-    extra = ["data.root=/nonexistent/coco"] if option == "coco" else []
+    # The proxy's backbone is pretrained on the synthetic set: COCO goes with the paper scale.
+    extra = ["data.root=/nonexistent/coco", "scale=paper"] if option == "coco" else []
     cfg = compose_config([f"{group}={option}", *extra], hydra=group == "launcher")
     validate(cfg)
 
@@ -100,7 +101,7 @@ def test_ohem_batch_size_must_be_positive() -> None:
 
 def test_coco_needs_a_root() -> None:
     with pytest.raises(ConfigError, match=r"data\.root"):
-        validate(compose_config(["data=coco"]))
+        validate(compose_config(["data=coco", "scale=paper"]))
 
 
 def test_hash_ignores_runtime_keys_but_not_the_experiment() -> None:
@@ -110,4 +111,4 @@ def test_hash_ignores_runtime_keys_but_not_the_experiment() -> None:
     assert config_hash(compose_config(["loss.gamma=1.0"])) != base
     assert config_hash(compose_config(["seed=1"])) != base
     # 3 and 3.0 are the same experiment
-    assert config_hash(compose_config(["model.anchors.base_size=32.0"])) == base
+    assert config_hash(compose_config(["model.anchors.base_size=16.0"])) == base

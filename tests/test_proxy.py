@@ -1,0 +1,56 @@
+"""Cheap guarantees of the CPU proxy: dense anchors, extreme imbalance, determinism.
+
+No test here asserts a trained AP (that is measured and written down in docs/proxy.md).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from helpers import compose_config
+from hydra.utils import instantiate
+
+from retina_sweep.builders import build_datasets
+from retina_sweep.config import config_hash, validate
+from retina_sweep.imbalance import anchor_statistics
+
+
+def _proxy(tmp_path: Path, *extra: str):
+    # The proxy's own knobs, with a small train split so the test generates it in a second.
+    return compose_config(
+        [
+            "scale=proxy",
+            f"data.cache_dir={tmp_path}",
+            "data.synthetic.num_train=40",
+            "data.synthetic.num_val=8",
+            "model.backbone.pretrained=null",
+            *extra,
+        ]
+    )
+
+
+def test_proxy_keeps_dense_anchors_and_extreme_imbalance(tmp_path: Path) -> None:
+    cfg = _proxy(tmp_path)
+    validate(cfg)
+    data = build_datasets(cfg.data, max_level=int(cfg.model.fpn.max_level))
+    model = instantiate(cfg.model, strategy=instantiate(cfg.loss), _convert_="all").eval()
+    stats = anchor_statistics(model, data.train, num_images=40)
+    h, w = cfg.data.synthetic.image_size
+    # 9 anchors per location on P3..P7 of the padded image, computed by hand
+    locations = sum(
+        -(-h // 2**lv) * -(-w // 2**lv) for lv in range(3, 8)
+    )  # ceil division per level
+    assert stats["anchors_per_image"] == 9 * locations
+    assert 2 <= stats["objects_per_image"] <= 6
+    assert 5 <= stats["foreground_per_image"] <= 80
+    # The paper's problem: background anchors outnumber foreground ones by two orders.
+    assert stats["bg_to_fg_ratio"] > 50
+
+
+def test_proxy_dataset_and_config_are_deterministic(tmp_path: Path) -> None:
+    a = build_datasets(_proxy(tmp_path / "a").data, max_level=7)
+    b = build_datasets(_proxy(tmp_path / "b").data, max_level=7)
+    ia, ta = a.val[3]
+    ib, tb = b.val[3]
+    assert (ia == ib).all() and (ta["boxes"] == tb["boxes"]).all()
+    assert config_hash(_proxy(tmp_path)) == config_hash(_proxy(tmp_path / "other"))
