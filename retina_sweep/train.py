@@ -158,6 +158,18 @@ def synthetic_backbone(cfg: DictConfig) -> Path:
     )
 
 
+def prepare(cfg: DictConfig) -> None:
+    """Create what trials share before they start: the synthetic dataset and, if asked, the
+    proxy-pretrained backbone (both cached). A sweeper calls this once per distinct data and
+    backbone, so parallel trials do not all generate or pretrain the same thing at once."""
+    if cfg.data.kind == "synthetic":
+        from .data.synthetic import generate
+
+        generate(cfg.data.get("cache_dir"), **OmegaConf.to_container(cfg.data.synthetic))
+        if cfg.model.backbone.get("pretrained") == "synthetic":
+            synthetic_backbone(cfg)
+
+
 def build_pruner(cfg: DictConfig) -> Any | None:
     """The optional pruning callback (`cfg.pruning`, set by the Optuna sweeper)."""
     node = cfg.get("pruning")

@@ -100,12 +100,26 @@ class RetinaGridSweeper(Sweeper):
         )
         # Compose and validate every cell first: a bad value stops the sweep before any training.
         loader = self.hydra_context.config_loader
+        trial_cfgs = []
         for cell in cells:
             trial_cfg = loader.load_sweep_config(
                 master_config=cfg, sweep_overrides=fixed + cell.override_list()
             )
             validate(trial_cfg)
             cell.config_hash = config_hash(trial_cfg)
+            trial_cfgs.append(trial_cfg)
+
+        # Shared resources (synthetic data, pretrained backbone) once, before parallel trials.
+        from retina_sweep.train import prepare
+
+        prepared: set[str] = set()
+        for trial_cfg in trial_cfgs:
+            key = repr(OmegaConf.to_container(trial_cfg.data, resolve=True)) + repr(
+                OmegaConf.to_container(trial_cfg.model.backbone, resolve=True)
+            )
+            if key not in prepared:
+                prepared.add(key)
+                prepare(trial_cfg)
 
         sweep_dir = Path(cfg.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
