@@ -97,6 +97,7 @@ def build_report(
     for t in shown:
         files += write_table(t, out_dir, list(formats))
     figs = _figures(shown, paper, out_dir / "figures", figures)
+    figs += _figure4(all_runs, uri, out_dir / "figures", figures)
     files += figs
     index = None
     if "html" in formats:
@@ -155,3 +156,29 @@ def _log_to_parent(uri: str, experiment: str, sweep: str, out_dir: Path) -> None
     if parents:
         retry(lambda: mlf.log_artifacts(parents[0].info.run_id, str(out_dir), "report"))
         log.info("report logged to parent run %s", parents[0].info.run_id)
+
+
+def _figure4(runs: pd.DataFrame, uri: str, fig_dir: Path, figures) -> list[Path]:
+    """The paper's Figure 4 from the latest finished focal-loss run whose checkpoint is here."""
+    if runs.empty or "params.paths.checkpoints" not in runs:
+        return []
+    from ..tracking import client
+
+    done = runs[(runs["status"] == "FINISHED") & (runs.get("tags.outcome") == "completed")]
+    if "params.loss.name" in done:
+        done = done[done["params.loss.name"] == "focal"]
+    for _, run in done.sort_values("start_time", ascending=False).iterrows():
+        ckpt = Path(run["params.paths.checkpoints"]) / str(run["tags.config_hash"]) / "last.pt"
+        if not ckpt.exists():
+            continue
+        try:
+            mlf = client(uri)
+            local = mlf.download_artifacts(run["run_id"], "config/resolved.yaml")
+            return figures.figure4_from_checkpoint(
+                fig_dir / "fig4_loss_cdf", config_yaml=Path(local).read_text(), checkpoint=ckpt
+            )
+        except Exception as exc:  # a report must not fail because one figure cannot be drawn
+            log.warning("Figure 4 skipped (run %s): %s", run["run_id"], exc)
+            return []
+    log.info("Figure 4 skipped: no finished focal-loss run with its checkpoint in this folder")
+    return []

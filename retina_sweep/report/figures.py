@@ -173,3 +173,60 @@ def plot_loss_cdf(path: Path, cdf: dict[float, dict[str, np.ndarray]]) -> list[P
 
 def is_number(v) -> bool:
     return isinstance(v, int | float) and not (isinstance(v, float) and math.isnan(v))
+
+
+@torch.no_grad()
+def collect_anchor_predictions(model, loader, *, max_images: int = 200):
+    """Run a trained RetinaNet over a val loader: (cls_logits (M, K), cls_targets, state (M,)).
+
+    The anchors are matched to the ground truth with the model's own matcher, exactly as in
+    training, so positives/negatives/ignored are the ones the loss sees.
+    """
+    from ..model.matcher import anchor_state
+
+    model.eval()
+    logits_all, targets_all, state_all = [], [], []
+    seen = 0
+    for images, targets, _ in loader:
+        pyramid = model.fpn(model.backbone(images))
+        cls_logits, _ = model.head(pyramid)
+        anchors = model.anchor_generator([tuple(p.shape[-2:]) for p in pyramid])
+        matched, _, gt_labels = model.match(anchors, targets)
+        state = anchor_state(matched)
+        n, a, k = cls_logits.shape
+        onehot = torch.zeros(n, a, k)
+        img, anc = (state == 1).nonzero(as_tuple=True)
+        onehot[img, anc, gt_labels[img, matched[img, anc]]] = 1.0
+        keep = state >= 0
+        logits_all.append(cls_logits[keep])
+        targets_all.append(onehot[keep])
+        state_all.append(state[keep])
+        seen += n
+        if seen >= max_images:
+            break
+    return torch.cat(logits_all), torch.cat(targets_all), torch.cat(state_all)
+
+
+def figure4_from_checkpoint(
+    path: Path, *, config_yaml: str, checkpoint: Path, gammas=(0, 0.5, 1, 2), max_images=200
+) -> list[Path]:
+    """The paper's Figure 4 from a trained run: its resolved config and its checkpoint."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from ..builders import build_datasets
+    from ..data.loader import build_loader
+
+    cfg = OmegaConf.create(config_yaml)
+    backbone = {**OmegaConf.to_container(cfg.model.backbone, resolve=True), "pretrained": None}
+    model = instantiate(
+        cfg.model, strategy=instantiate(cfg.loss), backbone=backbone, _convert_="all"
+    )
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    data = build_datasets(cfg.data, max_level=int(cfg.model.fpn.max_level))
+    loader = build_loader(
+        data.val, batch_size=8, train=False, num_workers=0, size_divisible=data.size_divisible
+    )
+    logits, targets, states = collect_anchor_predictions(model, loader, max_images=max_images)
+    return plot_loss_cdf(path, loss_cdf(logits, targets, states, gammas))
