@@ -2,7 +2,7 @@
 
 Runs the product's own commands, nothing special-cased:
 
-    python -m retina_sweep +sweep=gamma [extra overrides]
+    python -m retina_sweep +sweep=gamma launcher=parallel [extra overrides]
     python -m retina_sweep.report sweep=gamma
 
 and prints where to look. Extra command-line arguments are passed to the sweep, e.g.
@@ -19,7 +19,9 @@ import time
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     start = time.perf_counter()
-    sweep = [sys.executable, "-m", "retina_sweep", "+sweep=gamma", *args]
+    # Two trials at a time (joblib, one torch thread each): faster than one trial with two
+    # threads on a 2-core laptop for the proxy's small convolutions.
+    sweep = [sys.executable, "-m", "retina_sweep", "+sweep=gamma", "launcher=parallel", *args]
     print("$", " ".join(sweep[2:]), flush=True)
     code = subprocess.call(sweep)
     if code != 0:

@@ -1,0 +1,278 @@
+"""An ask-and-tell Optuna sweeper: samplers, shared storage, pruning, MLflow child runs.
+
+    python -m retina_sweep hydra/sweeper=optuna -m \
+        'hydra.sweeper.params.loss.gamma=interval(0,5)' hydra.sweeper.n_trials=20
+    python -m retina_sweep +sweep=hpo                  # the preset: TPE + Hyperband
+
+The search space is written in Hydra's override syntax: `choice(a,b)` and comma lists are
+categorical, `range(a,b[,step])` is categorical over the range, `interval(a,b)` is a float (or int
+when both ends are ints), `tag(log, interval(a,b))` samples on a log scale. Command-line sweeps
+(`loss.alpha=0.25,0.5`) join the space.
+
+The study lives in `storage`: by default an Optuna journal file next to the sweep's outputs
+(`<paths.root>/<sweep name>/optuna_journal.log`, safe for several processes on one machine), or
+any database URL (PostgreSQL for several machines). Sweeps given the same `study_name` and storage
+share the study: each asks for new trials until the study holds `n_trials` trials in total, so
+they split the budget and never run a trial twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSweep
+from hydra.core.plugins import Plugins
+from hydra.core.utils import JobStatus
+from hydra.plugins.sweeper import Sweeper
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+SAMPLERS = ("tpe", "random", "grid", "cmaes")
+PRUNERS = ("none", "median", "hyperband", "successive_halving")
+
+
+@dataclass
+class RetinaOptunaSweeperConf:
+    _target_: str = "hydra_plugins.retina_sweep_optuna.optuna_sweeper.RetinaOptunaSweeper"
+    sampler: str = "tpe"
+    seed: int = 0
+    direction: str = "maximize"
+    metric: str = "AP"
+    n_trials: int = 20
+    n_jobs: int = 1
+    study_name: Any = None  # default: the sweep's name
+    storage: Any = None  # default: journal file under <paths.root>/<sweep name>/
+    pruner: str = "none"
+    pruner_args: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+def build_sampler(name: str, seed: int, space: dict[str, Any]):
+    import optuna
+
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed)
+    if name == "grid":
+        grid = {}
+        for key, dist in space.items():
+            if not isinstance(dist, optuna.distributions.CategoricalDistribution):
+                raise ValueError(
+                    f"hydra.sweeper.sampler=grid needs choice()/range() values, {key} is {dist}"
+                )
+            grid[key] = list(dist.choices)
+        return optuna.samplers.GridSampler(grid, seed=seed)
+    raise ValueError(f"hydra.sweeper.sampler must be one of {', '.join(SAMPLERS)}, got {name!r}")
+
+
+def build_pruner(name: str, args: dict[str, Any]):
+    import optuna
+
+    makers = {
+        "none": optuna.pruners.NopPruner,
+        "median": optuna.pruners.MedianPruner,
+        "hyperband": optuna.pruners.HyperbandPruner,
+        "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
+    }
+    if name not in makers:
+        raise ValueError(f"hydra.sweeper.pruner must be one of {', '.join(PRUNERS)}, got {name!r}")
+    return makers[name](**dict(args or {}))
+
+
+def to_distribution(override) -> Any:
+    """A Hydra sweep override -> an Optuna distribution."""
+    import optuna.distributions as d
+
+    value = override.value()
+    if isinstance(value, ChoiceSweep):
+        return d.CategoricalDistribution([v for v in override.sweep_iterator()])
+    if isinstance(value, RangeSweep):
+        return d.CategoricalDistribution(list(override.sweep_iterator()))
+    if isinstance(value, IntervalSweep):
+        log_scale = "log" in value.tags
+        if isinstance(value.start, int) and isinstance(value.end, int):
+            return d.IntDistribution(int(value.start), int(value.end), log=log_scale)
+        return d.FloatDistribution(float(value.start), float(value.end), log=log_scale)
+    raise ValueError(f"{override.input_line}: not a sweep (choice, range or interval)")
+
+
+class RetinaOptunaSweeper(Sweeper):
+    def __init__(self, **kwargs: Any) -> None:
+        self.opts = RetinaOptunaSweeperConf(**kwargs)
+        if self.opts.sampler not in SAMPLERS:
+            raise ValueError(
+                f"hydra.sweeper.sampler must be one of {', '.join(SAMPLERS)}, "
+                f"got {self.opts.sampler!r}"
+            )
+        if self.opts.pruner not in PRUNERS:
+            raise ValueError(
+                f"hydra.sweeper.pruner must be one of {', '.join(PRUNERS)}, "
+                f"got {self.opts.pruner!r}"
+            )
+        if self.opts.direction not in ("maximize", "minimize"):
+            raise ValueError(
+                f"hydra.sweeper.direction must be maximize or minimize, got {self.opts.direction!r}"
+            )
+        if int(self.opts.n_trials) < 1 or int(self.opts.n_jobs) < 1:
+            raise ValueError("hydra.sweeper.n_trials and n_jobs must be >= 1")
+        self.config: DictConfig | None = None
+        self.launcher = None
+        self.hydra_context: HydraContext | None = None
+
+    def setup(
+        self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
+    ) -> None:
+        self.config = config
+        self.hydra_context = hydra_context
+        self.launcher = Plugins.instance().instantiate_launcher(
+            hydra_context=hydra_context, task_function=task_function, config=config
+        )
+
+    def _space(self, arguments: list[str]) -> tuple[list[str], dict[str, Any]]:
+        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
+        lines = [f"{k}={v}" for k, v in (self.opts.params or {}).items()]
+        space: dict[str, Any] = {}
+        fixed: list[str] = []
+        for override in parser.parse_overrides(lines + list(arguments)):
+            if override.is_sweep_override():
+                space[override.get_key_element()] = to_distribution(override)
+            else:
+                fixed.append(override.input_line)
+        if not space:
+            raise ValueError(
+                "the Optuna sweeper needs a search space: hydra.sweeper.params or a sweep on "
+                "the command line, e.g. 'loss.gamma=interval(0,5)'"
+            )
+        return fixed, space
+
+    def _storage_spec(self) -> tuple[str, str]:
+        cfg = self.config
+        name = self.opts.study_name or OmegaConf.select(cfg, "sweep.name") or "retina_sweep"
+        if self.opts.storage:
+            return str(self.opts.storage), str(name)
+        root = Path(OmegaConf.select(cfg, "paths.root", default="sweeps"))
+        return f"journal:{(root / str(name) / 'optuna_journal.log').resolve()}", str(name)
+
+    def sweep(self, arguments: list[str]) -> Any:
+        import optuna
+
+        from retina_sweep.optuna_pruning import PRUNED_ATTR, make_storage
+        from retina_sweep.sweep import Progress, format_value
+
+        fixed, space = self._space(arguments)
+        spec, study_name = self._storage_spec()
+        study = optuna.create_study(
+            study_name=study_name,
+            storage=make_storage(spec),
+            sampler=build_sampler(self.opts.sampler, int(self.opts.seed), space),
+            pruner=build_pruner(self.opts.pruner, self.opts.pruner_args),
+            direction=self.opts.direction,
+            load_if_exists=True,
+        )
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        parent = self._parent(study_name, spec, space)
+        n_trials = int(self.opts.n_trials)
+        progress = Progress(n_trials, name=f"optuna:{study_name}")
+        returns = []
+        job_idx = 0
+        status = "FINISHED"
+        try:
+            while True:
+                taken = len(study.get_trials(deepcopy=False))
+                batch = min(int(self.opts.n_jobs), n_trials - taken)
+                if batch <= 0:
+                    break
+                trials = [study.ask(space) for _ in range(batch)]
+                overrides = []
+                for trial in trials:
+                    params = [f"{k}={format_value(v)}" for k, v in trial.params.items()]
+                    label = ",".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in trial.params.items())
+                    pruning = (
+                        "pruning={_target_:retina_sweep.optuna_pruning.OptunaPruningCallback,"
+                        f"storage:{format_value(spec)},study_name:{format_value(study_name)},"
+                        f"trial_number:{trial.number},metric:{self.opts.metric},"
+                        f"pruner:{self.opts.pruner},"
+                        f"pruner_args:{format_value(dict(self.opts.pruner_args or {}))}}}"
+                    )
+                    extra = [pruning, f"+extra_tags.optuna_trial={trial.number}"]
+                    extra.append(f"sweep.cell={format_value(label)}")
+                    if parent is not None:
+                        extra.append(f"tracking.parent_run_id={parent.run_id}")
+                    overrides.append(fixed + params + extra)
+                results = self.launcher.launch(overrides, initial_job_idx=job_idx)
+                job_idx += len(overrides)
+                for trial, result in zip(trials, results, strict=True):
+                    state_name = self._tell(study, trial, result, PRUNED_ATTR)
+                    value = study.trials[trial.number].value
+                    progress.update(f"trial {trial.number}", value, state_name)
+                returns.append(list(results))
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            if parent is not None:
+                summary = parent.close(status=status, metric=self.opts.metric)
+                print(f"[optuna:{study_name}] MLflow parent run {parent.run_id}: {summary}")
+        complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        if complete:
+            best = study.best_trial
+            print(
+                f"[optuna:{study_name}] best trial {best.number}: "
+                f"{self.opts.metric}={best.value:.3f} {best.params}"
+            )
+        return returns
+
+    def _tell(self, study, trial, result, pruned_attr: str) -> str:
+        import optuna
+
+        TrialState = optuna.trial.TrialState
+        if result.status != JobStatus.COMPLETED:
+            study.tell(trial, state=TrialState.FAIL)
+            return "FAILED"
+        frozen = study._storage.get_trial(trial._trial_id)
+        if pruned_attr in frozen.user_attrs:
+            study.tell(trial, state=TrialState.PRUNED)
+            return "PRUNED"
+        value = result.return_value
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            study.tell(trial, state=TrialState.FAIL)
+            return "FAILED (no objective)"
+        study.tell(trial, float(value))
+        return "done"
+
+    def _parent(self, study_name: str, spec: str, space: dict[str, Any]):
+        cfg = self.config
+        if not OmegaConf.select(cfg, "tracking.enabled", default=False):
+            return None
+        from retina_sweep.sweep import ParentRun, sweep_hash
+        from retina_sweep.tracking import client
+
+        definition = {
+            "study_name": study_name,
+            "storage": spec,
+            "sampler": self.opts.sampler,
+            "pruner": self.opts.pruner,
+            "n_trials": int(self.opts.n_trials),
+            "space": {k: repr(v) for k, v in space.items()},
+        }
+        return ParentRun.open(
+            client(cfg.tracking.uri),
+            cfg.tracking.experiment,
+            name=OmegaConf.select(cfg, "sweep.name") or study_name,
+            table=OmegaConf.select(cfg, "sweep.table"),
+            shash=sweep_hash(f"optuna:{study_name}:{spec}", []),
+            definition=definition,
+            kind="optuna",
+        )

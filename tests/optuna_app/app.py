@@ -1,0 +1,32 @@
+"""A stand-in Hydra app for the Optuna sweeper's mechanics (fast, no training).
+
+Objective: -(x - 1)^2, reported at steps 1..5 as `x_value * step / 5`; trials whose number is in
+`bad_trials` report a falling curve instead (a trial built to be bad, for the pruner). Each run
+appends its trial number to `log_file`, so tests can check that no trial ran twice.
+"""
+
+from __future__ import annotations
+
+import math
+
+import hydra
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float:
+    number = int(cfg.extra_tags.get("optuna_trial", -1))
+    with open(cfg.log_file, "a") as fh:
+        fh.write(f"{number}\n")
+    value = -((cfg.x - 1.0) ** 2)
+    pruner = instantiate(cfg.pruning) if cfg.pruning is not None else None
+    for step in range(1, 6):
+        reported = -10.0 * step if number in cfg.bad_trials else value * step / 5
+        if pruner is not None and pruner.report(step, {"AP": reported}):
+            return pruner.pruned(step)
+    return value if not math.isnan(value) else math.nan
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,267 @@
+"""The Optuna sweeper: samplers, shared journal storage, pruning, MLflow children."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+from helpers import compose_config
+from mlflow.tracking import MlflowClient
+
+from hydra_plugins.retina_sweep_optuna.optuna_sweeper import RetinaOptunaSweeper
+from retina_sweep.optuna_pruning import make_storage
+from retina_sweep.train import run
+
+APP = Path(__file__).resolve().parent / "optuna_app" / "app.py"
+
+
+def standin(tmp_path: Path, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [
+            sys.executable,
+            str(APP),
+            f"paths.root={tmp_path}",
+            f"log_file={tmp_path}/trials.log",
+            *args,
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def study(tmp_path: Path, name: str = "standin") -> optuna.Study:
+    journal = tmp_path / name / "optuna_journal.log"
+    return optuna.load_study(study_name=name, storage=make_storage(f"journal:{journal}"))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "key"),
+    [
+        ({"sampler": "bayes"}, "sampler"),
+        ({"pruner": "asha"}, "pruner"),
+        ({"direction": "up"}, "direction"),
+    ],
+)
+def test_unknown_names_are_clear_errors(kwargs: dict, key: str) -> None:
+    with pytest.raises(ValueError, match=rf"hydra\.sweeper\.{key} must be"):
+        RetinaOptunaSweeper(**kwargs)
+
+
+def test_tpe_sweep_completes_and_finds_the_optimum_region(tmp_path: Path) -> None:
+    proc = standin(tmp_path, "hydra.sweeper.n_trials=8", "hydra.sweeper.sampler=tpe")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    s = study(tmp_path)
+    assert len(s.trials) == 8
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in s.trials)
+    assert s.best_value == pytest.approx(max(t.value for t in s.trials))
+    assert s.best_value == pytest.approx(-((s.best_params["x"] - 1.0) ** 2))
+    assert "best trial" in out
+
+
+def test_two_processes_share_one_journal_study_without_duplicates(tmp_path: Path) -> None:
+    procs = [
+        standin(
+            tmp_path,
+            "hydra.sweeper.n_trials=10",
+            "hydra.sweeper.sampler=random",
+            f"hydra.sweeper.seed={i}",
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    s = study(tmp_path)
+    assert len(s.trials) == 10
+    ran = [int(x) for x in (tmp_path / "trials.log").read_text().split()]
+    assert sorted(ran) == list(range(10))  # every trial exactly once, across both processes
+    # both processes did work
+    assert all("trial" in o for o in outs)
+
+
+def test_pruner_prunes_a_trial_built_to_be_bad(tmp_path: Path) -> None:
+    proc = standin(
+        tmp_path,
+        "hydra.sweeper.n_trials=4",
+        "hydra.sweeper.sampler=random",
+        "hydra.sweeper.pruner=median",
+        "+hydra.sweeper.pruner_args.n_startup_trials=2",
+        "bad_trials=[2,3]",
+    )
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    states = [t.state for t in study(tmp_path).trials]
+    P, C = optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.COMPLETE
+    assert states == [C, C, P, P]
+    assert study(tmp_path).trials[2].user_attrs["pruned_at"] == 1
+
+
+class PruneAtFirstReport:
+    """A pruning callback that always says stop (for the trainer side of pruning)."""
+
+    def __init__(self, **_: object) -> None:
+        self.steps: list[int] = []
+
+    def report(self, step: int, metrics: dict) -> bool:
+        self.steps.append(step)
+        return True
+
+    def pruned(self, step: int) -> float:
+        return math.nan
+
+
+@pytest.mark.slow
+def test_a_pruned_training_run_ends_pruned_in_mlflow_not_failed(tmp_path: Path) -> None:
+    cfg = compose_config(
+        [
+            "scale=smoke",
+            f"tracking.uri=sqlite:///{tmp_path}/m.db",
+            f"paths.root={tmp_path}/sweeps",
+            f"data.cache_dir={tmp_path}/cache",
+            "train.eval_every=2",
+            "+pruning._target_=test_optuna_sweeper.PruneAtFirstReport",
+        ]
+    )
+    assert math.isnan(run(cfg))
+    mlf = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/m.db")
+    r = mlf.search_runs([mlf.get_experiment_by_name("retina_sweep").experiment_id])[0]
+    assert r.info.status == "KILLED"
+    assert r.data.tags["outcome"] == "pruned" and r.data.tags["pruned_at"] == "2"
+
+
+@pytest.mark.slow
+def test_optuna_sweep_of_real_trials_matches_mlflow(tmp_path: Path) -> None:
+    cmd = [
+        sys.executable,
+        "-m",
+        "retina_sweep",
+        "-m",
+        "hydra/sweeper=optuna",
+        "scale=smoke",
+        f"tracking.uri=sqlite:///{tmp_path}/m.db",
+        f"paths.root={tmp_path}/sweeps",
+        f"data.cache_dir={tmp_path}/cache",
+        "sweep.name=tpe_smoke",
+        "hydra.sweeper.n_trials=3",
+        "loss.gamma=interval(0.0,3.0)",
+    ]
+    proc = subprocess.run(
+        cmd,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    s = optuna.load_study(
+        study_name="tpe_smoke",
+        storage=make_storage(f"journal:{tmp_path}/sweeps/tpe_smoke/optuna_journal.log"),
+    )
+    assert len(s.trials) == 3
+    mlf = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/m.db")
+    exp = mlf.get_experiment_by_name("retina_sweep").experiment_id
+    parent = mlf.search_runs([exp], filter_string="tags.is_parent = 'true'")
+    assert len(parent) == 1 and parent[0].data.tags["sweeper"] == "optuna"
+    kids = mlf.search_runs(
+        [exp], filter_string=f"tags.mlflow.parentRunId = '{parent[0].info.run_id}'"
+    )
+    assert sorted(int(k.data.tags["optuna_trial"]) for k in kids) == [0, 1, 2]
+    by_trial = {int(k.data.tags["optuna_trial"]): k for k in kids}
+    for t in s.trials:
+        assert float(by_trial[t.number].data.params["loss.gamma"]) == pytest.approx(
+            t.params["loss.gamma"]
+        )
+        assert by_trial[t.number].data.metrics["AP"] == pytest.approx(t.value)
+    best = max(kids, key=lambda k: k.data.metrics["AP"])
+    assert s.best_value == pytest.approx(best.data.metrics["AP"])
+
+
+def _postgres_bin() -> Path | None:
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    return found[-1].parent if found else None
+
+
+@pytest.fixture
+def postgres(tmp_path_factory):
+    """A throw-away PostgreSQL server on 127.0.0.1 (skips when the server is not installed)."""
+    import pwd
+    import shutil
+    import socket
+    import tempfile
+
+    bindir = _postgres_bin()
+    if bindir is None:
+        pytest.skip("no PostgreSQL server binaries (.ci/run installs Debian's postgresql)")
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        # initdb refuses to run as root: run the server as the 'postgres' system user.
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and no 'postgres' user to run the server as")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    base = Path(tempfile.mkdtemp(prefix="rs_pg_"))
+    base.chmod(0o777)
+    data, sock = base / "data", base / "sock"
+    sock.mkdir()
+    sock.chmod(0o777)
+    if as_user:
+        shutil.chown(base, user="postgres")
+        shutil.chown(sock, user="postgres")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run_ = lambda *cmd: subprocess.run([*as_user, *cmd], check=True, capture_output=True)  # noqa: E731
+    run_(str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust")
+    run_(
+        str(bindir / "pg_ctl"),
+        "-D",
+        str(data),
+        "-w",
+        "-l",
+        str(base / "log"),
+        "-o",
+        f"-p {port} -k {sock} -c listen_addresses=127.0.0.1",
+        "start",
+    )
+    try:
+        run_(
+            str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "optuna"
+        )
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/optuna"
+    finally:
+        subprocess.run(
+            [*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"],
+            capture_output=True,
+        )
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_two_processes_share_a_postgresql_study(tmp_path: Path, postgres: str) -> None:
+    procs = [
+        standin(
+            tmp_path,
+            "hydra.sweeper.n_trials=8",
+            "hydra.sweeper.sampler=random",
+            f"hydra.sweeper.seed={i}",
+            f"hydra.sweeper.storage={postgres}",
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    s = optuna.load_study(study_name="standin", storage=postgres)
+    assert len(s.trials) == 8
+    ran = [int(x) for x in (tmp_path / "trials.log").read_text().split()]
+    assert sorted(ran) == list(range(8))
