@@ -143,3 +143,16 @@ def test_a_swept_seed_is_the_cells_seed() -> None:
     cells = expand_cells(grid=None, rows=None, cli_sweeps={"seed": [5, 7]}, seeds=2)
     assert [(c.seed, c.overrides) for c in cells] == [(5, {}), (6, {}), (7, {}), (8, {})]
     assert cells[0].override_list()[0] == "seed=5"
+
+
+def test_hpo_preset_is_an_optuna_study_with_pruning() -> None:
+    cfg = compose_config(["+sweep=hpo"], hydra=True)
+    sweeper = cfg.hydra.sweeper
+    assert sweeper._target_.endswith("RetinaOptunaSweeper")
+    assert sweeper.sampler == "tpe" and sweeper.pruner == "hyperband"
+    assert set(sweeper.params) == {
+        "loss.alpha",
+        "loss.gamma",
+        "model.anchors.scales_per_octave",
+    }
+    assert cfg.train.eval_every > 0  # the pruner needs periodic values
