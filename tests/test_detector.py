@@ -289,7 +289,8 @@ def test_inference_is_batch_invariant():
         for i in range(3):
             (single,) = model(images[i : i + 1])
             for key in ("boxes", "scores", "labels"):
-                torch.testing.assert_close(batched[i][key], single[key])
+                # Convolution algorithms may differ with the batch size: float noise only.
+                torch.testing.assert_close(batched[i][key], single[key], rtol=1e-4, atol=1e-4)
     assert all(len(d["scores"]) == 20 for d in batched)
 
 

@@ -33,6 +33,9 @@ def _ours(**overrides):
         head_channels=CH,
         strategy=FocalStrategy(alpha=0.25, gamma=2.0),
         detections_per_img=100,
+        # Same memory layout as torchvision, so that the comparison is exact to float32 rounding
+        # (our channels_last default only reorders float sums; see test_channels_last_...).
+        channels_last=False,
     )
     cfg.update(overrides)
     return build_retinanet(**cfg)
@@ -142,3 +145,20 @@ def test_detections_equal(models):
         torch.testing.assert_close(mine["scores"], tv["scores"])
         torch.testing.assert_close(mine["labels"], tv["labels"])
         torch.testing.assert_close(mine["boxes"], tv["boxes"])
+
+
+def test_channels_last_default_computes_the_same_detector(models):
+    ours, _ = models
+    fast = _ours(channels_last=True)
+    fast.load_state_dict(ours.state_dict())
+    images, targets = _inputs(5)
+    ours.train(), fast.train()
+    a, b = ours(images, targets), fast(images, targets)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
+    ours.eval(), fast.eval()
+    with torch.no_grad():
+        for da, db in zip(ours(images), fast(images), strict=True):
+            assert len(da["scores"]) > 10
+            torch.testing.assert_close(db["scores"], da["scores"], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(db["boxes"], da["boxes"], rtol=1e-4, atol=1e-3)
