@@ -39,6 +39,7 @@ __all__ = [
     "Cell",
     "format_value",
     "expand_cells",
+    "add_table_tag",
     "finished_hashes",
     "ParentRun",
     "Progress",
@@ -130,6 +131,23 @@ def expand_cells(
             for s in range(seeds):
                 cells.append(Cell(overrides=overrides, seed=first_seed + s, label=label or "base"))
     return cells
+
+
+ALSO_TABLES_TAG = "also_tables"
+
+
+def add_table_tag(mlf, run_id: str, table: str) -> None:
+    """Record that the finished run `run_id` also fills `table` (tag `also_tables`, comma list).
+
+    Trials are identified by config hash, so a cell two presets share (CE alpha .25 in 1(a) is
+    focal gamma 0, alpha .25 in 1(b)) is trained once; the report reads this tag to find it.
+    """
+    tags = mlf.get_run(run_id).data.tags
+    if tags.get("table") == table:
+        return
+    also = [t for t in tags.get(ALSO_TABLES_TAG, "").split(",") if t]
+    if table not in also:
+        mlf.set_tag(run_id, ALSO_TABLES_TAG, ",".join([*also, table]))
 
 
 def finished_hashes(

@@ -252,3 +252,25 @@ def test_figure4_is_computed_from_a_trained_checkpoint(tmp_path: Path) -> None:
     # The report was also attached to the sweep's parent run when there is one; here there is
     # none, and nothing failed because of it.
     assert (tmp_path / "r" / "index.html").read_text().count("fig4_loss_cdf") >= 1
+
+
+def test_a_cell_trained_by_another_sweep_fills_both_tables(store: Store, tmp_path: Path) -> None:
+    """CE alpha .999 is never run by the alpha sweep here; a gamma-sweep run with the same config
+    (tagged `also_tables=1a` by the alpha sweep that skipped it) fills the 1(a) row."""
+    from retina_sweep.sweep import add_table_tag
+
+    rid = store.run(
+        table="1b", sweep="gamma", params={"loss.gamma": 0.0, "loss.alpha": 0.999}, ap=7.0
+    )
+    before = build_report(tracking_uri=store.uri, sweep="alpha", out=tmp_path / "a0")
+    assert before.tables["1a"].rows.set_index("alpha").loc[0.999, "state"] == "missing"
+    add_table_tag(store.mlf, rid, "1a")
+    add_table_tag(store.mlf, rid, "1a")  # idempotent
+    add_table_tag(store.mlf, rid, "1b")  # its own table: no tag
+    assert store.mlf.get_run(rid).data.tags["also_tables"] == "1a"
+    after = build_report(tracking_uri=store.uri, sweep="alpha", out=tmp_path / "a1")
+    row = after.tables["1a"].rows.set_index("alpha").loc[0.999]
+    assert row["AP"] == pytest.approx(7.0) and row["n"] == 1
+    # and it still counts in 1(b) (gamma 0 keeps its best alpha .75 at 26.0)
+    full = build_report(tracking_uri=store.uri, out=tmp_path / "all")
+    assert full.tables["1b"].rows.set_index("gamma").loc[0.0, "AP"] == pytest.approx(26.0)

@@ -82,6 +82,7 @@ class RetinaGridSweeper(Sweeper):
         from retina_sweep.sweep import (
             ParentRun,
             Progress,
+            add_table_tag,
             expand_cells,
             finished_hashes,
             sweep_hash,
@@ -139,6 +140,11 @@ class RetinaGridSweeper(Sweeper):
         )
         for c in skipped:
             print(f"[{name}] skip {c.label} seed={c.seed}: finished run {done[c.config_hash]}")
+        if mlf is not None and spec.table:
+            # A cell shared with another table (CE alpha .25 is also focal gamma 0 in 1(b)) runs
+            # once; the run is tagged so this table's report finds it too.
+            for run_id in sorted({done[c.config_hash] for c in skipped}):
+                add_table_tag(mlf, run_id, str(spec.table))
 
         parent = None
         if mlf is not None:

@@ -21,6 +21,7 @@ from .core import (
     load_runs,
     load_specs,
     resolve_cross_checks,
+    runs_of_table,
 )
 
 __all__ = ["build_report", "Report"]
@@ -72,6 +73,8 @@ def build_report(
         wanted = list(dict.fromkeys(wanted))
     else:
         present = set(all_runs["tags.table"].dropna()) if "tags.table" in all_runs else set()
+        if "tags.also_tables" in all_runs:
+            present |= {t for ts in all_runs["tags.also_tables"].dropna() for t in ts.split(",")}
         wanted = [tid for tid in specs if tid in present] or list(specs)
 
     # Cross-table checks (1b vs 1a) need the other table too, even when not shown.
@@ -79,12 +82,13 @@ def build_report(
         c["other"] for tid in wanted for c in specs[tid].checks if c.get("other")
     }
     tables: dict[str, Table] = {}
+    # A table's cells may have been trained by another sweep (shared config hash), so tables are
+    # always built from every run of the experiment, selected by table tag.
+    every_run = all_runs if sweep is None else load_runs(tracking_uri=uri, experiment=experiment)
     for tid in [t for t in specs if t in needed]:
-        runs = all_runs
-        if sweep is not None and tid not in wanted:
-            runs = load_runs(tracking_uri=uri, experiment=experiment)
+        runs = every_run
         if not runs.empty and "tags.table" in runs:
-            runs = runs[runs["tags.table"] == tid]
+            runs = runs[runs_of_table(runs, tid)]
         else:
             runs = pd.DataFrame()
         tables[tid] = build_table(specs[tid], runs, paper)

@@ -26,6 +26,7 @@ __all__ = [
     "load_specs",
     "load_paper",
     "load_runs",
+    "runs_of_table",
     "latest_per_config",
     "build_table",
     "METHOD_NAMES",
@@ -113,6 +114,16 @@ def load_runs(
     if "tags.is_parent" in df:
         df = df[df["tags.is_parent"].fillna("") != "true"]
     return df.reset_index(drop=True)
+
+
+def runs_of_table(runs: pd.DataFrame, table: str) -> pd.Series:
+    """Mask of the runs that fill `table`: tagged with it, or with it in `also_tables` (a cell
+    shared with another preset, trained once and tagged by the second sweep that skipped it)."""
+    mask = runs["tags.table"] == table
+    if "tags.also_tables" in runs:
+        also = runs["tags.also_tables"].fillna("").str.split(",")
+        mask |= also.map(lambda ts: table in ts)
+    return mask
 
 
 def run_state(row: pd.Series) -> str:
