@@ -274,3 +274,20 @@ def test_a_cell_trained_by_another_sweep_fills_both_tables(store: Store, tmp_pat
     # and it still counts in 1(b) (gamma 0 keeps its best alpha .75 at 26.0)
     full = build_report(tracking_uri=store.uri, out=tmp_path / "all")
     assert full.tables["1b"].rows.set_index("gamma").loc[0.0, "AP"] == pytest.approx(26.0)
+
+
+def test_fl_row_of_1d_meets_its_paper_row(tmp_path: Path) -> None:
+    """FL has no OHEM batch/NMS (NaN in a float column beside OHEM's numbers); it must still be
+    matched with the paper's FL row (36.0 AP), not listed twice."""
+    s = Store(tmp_path)
+    s.run(table="1d", sweep="ohem", params={"loss.name": "focal", "loss.alpha": 0.25}, ap=30.0)
+    s.run(
+        table="1d",
+        sweep="ohem",
+        params={"loss.name": "ohem", "loss.batch_size": 128, "loss.nms_thresh": 0.7},
+        ap=20.0,
+    )
+    rows = build_report(tracking_uri=s.uri, table="1d", out=tmp_path / "d").tables["1d"].rows
+    fl = rows[rows["method"] == "FL"]
+    assert len(fl) == 1
+    assert fl["AP"].iloc[0] == pytest.approx(30.0) and fl["paper AP"].iloc[0] == pytest.approx(36.0)

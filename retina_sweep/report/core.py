@@ -243,8 +243,11 @@ def build_table(spec: TableSpec, runs: pd.DataFrame, paper: pd.DataFrame | None)
         for key in spec.keys + spec.best_over:
             keyed[key["name"]] = [_key_value(key, r) for _, r in keyed.iterrows()]
         group_cols = names + best_names
-        normed = keyed[group_cols].map(_norm)
-        keyed["_gkey"] = [tuple(r) for r in normed.itertuples(index=False)]
+        # Normalise per value, not with DataFrame.map: pandas turns the None of a float column
+        # back into NaN, and NaN != NaN would split a row (FL has no OHEM batch) from its paper row.
+        keyed["_gkey"] = [
+            tuple(_norm(v) for v in r) for r in keyed[group_cols].itertuples(index=False)
+        ]
         for gkey, group in keyed.groupby("_gkey", sort=False):
             rec = dict(zip(group_cols, [group.iloc[0][c] for c in group_cols], strict=True))
             rec["_key"] = gkey[: len(names)]
