@@ -22,6 +22,7 @@ from .core import (
     load_specs,
     resolve_cross_checks,
     runs_of_table,
+    tables_of,
 )
 
 __all__ = ["build_report", "Report"]
@@ -62,7 +63,13 @@ def build_report(
     if table is not None and table not in specs:
         raise ValueError(f"table must be one of {', '.join(specs)}, got {table!r}")
     paper = load_paper()
-    all_runs = load_runs(tracking_uri=uri, experiment=experiment, sweep=sweep)
+    # A table's cells may have been trained by another sweep (shared config hash), so tables are
+    # built from every run of the experiment, selected by table; `sweep` narrows what is shown.
+    every_run = load_runs(tracking_uri=uri, experiment=experiment)
+    all_runs = every_run
+    if sweep is not None and not every_run.empty:
+        in_sweep = every_run["tags.sweep"] == sweep if "tags.sweep" in every_run else False
+        all_runs = every_run[in_sweep].reset_index(drop=True)
 
     if table is not None:
         wanted = [table]
@@ -72,9 +79,7 @@ def build_report(
             wanted += [t for t in all_runs["tags.table"].dropna().unique() if t in specs]
         wanted = list(dict.fromkeys(wanted))
     else:
-        present = set(all_runs["tags.table"].dropna()) if "tags.table" in all_runs else set()
-        if "tags.also_tables" in all_runs:
-            present |= {t for ts in all_runs["tags.also_tables"].dropna() for t in ts.split(",")}
+        present = set().union(*tables_of(all_runs)) if not all_runs.empty else set()
         wanted = [tid for tid in specs if tid in present] or list(specs)
 
     # Cross-table checks (1b vs 1a) need the other table too, even when not shown.
@@ -82,9 +87,6 @@ def build_report(
         c["other"] for tid in wanted for c in specs[tid].checks if c.get("other")
     }
     tables: dict[str, Table] = {}
-    # A table's cells may have been trained by another sweep (shared config hash), so tables are
-    # always built from every run of the experiment, selected by table tag.
-    every_run = all_runs if sweep is None else load_runs(tracking_uri=uri, experiment=experiment)
     for tid in [t for t in specs if t in needed]:
         runs = every_run
         if not runs.empty and "tags.table" in runs:

@@ -20,6 +20,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from retina_sweep.sweep import ALSO_TABLES_TAG
+
 __all__ = [
     "TableSpec",
     "Table",
@@ -27,6 +29,7 @@ __all__ = [
     "load_paper",
     "load_runs",
     "runs_of_table",
+    "tables_of",
     "latest_per_config",
     "build_table",
     "METHOD_NAMES",
@@ -116,14 +119,24 @@ def load_runs(
     return df.reset_index(drop=True)
 
 
+def tables_of(runs: pd.DataFrame) -> pd.Series:
+    """Per run, the tables it fills: its `table` tag, plus its `also_tables` (a cell shared with
+    another preset, trained once and tagged by the sweep that skipped it, see `add_table_tag`)."""
+    own = runs["tags.table"] if "tags.table" in runs else pd.Series("", index=runs.index)
+    also_col = f"tags.{ALSO_TABLES_TAG}"
+    also = runs[also_col] if also_col in runs else pd.Series("", index=runs.index)
+    return pd.Series(
+        [
+            {t for t in [o, *a.split(",")] if t}
+            for o, a in zip(own.fillna(""), also.fillna(""), strict=True)
+        ],
+        index=runs.index,
+    )
+
+
 def runs_of_table(runs: pd.DataFrame, table: str) -> pd.Series:
-    """Mask of the runs that fill `table`: tagged with it, or with it in `also_tables` (a cell
-    shared with another preset, trained once and tagged by the second sweep that skipped it)."""
-    mask = runs["tags.table"] == table
-    if "tags.also_tables" in runs:
-        also = runs["tags.also_tables"].fillna("").str.split(",")
-        mask |= also.map(lambda ts: table in ts)
-    return mask
+    """Mask of the runs that fill `table` (see `tables_of`)."""
+    return tables_of(runs).map(lambda ts: table in ts)
 
 
 def run_state(row: pd.Series) -> str:
