@@ -81,7 +81,8 @@ def test_two_processes_share_one_journal_study_without_duplicates(tmp_path: Path
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     s = study(tmp_path)
-    assert len(s.trials) == 10
+    budget = [t for t in s.trials if "over_budget" not in t.user_attrs]
+    assert len(budget) == 10
     ran = [int(x) for x in (tmp_path / "trials.log").read_text().split()]
     assert sorted(ran) == list(range(10))  # every trial exactly once, across both processes
     # both processes did work
@@ -136,6 +137,56 @@ def test_a_pruned_training_run_ends_pruned_in_mlflow_not_failed(tmp_path: Path) 
     r = mlf.search_runs([mlf.get_experiment_by_name("retina_sweep").experiment_id])[0]
     assert r.info.status == "KILLED"
     assert r.data.tags["outcome"] == "pruned" and r.data.tags["pruned_at"] == "2"
+
+
+RACE = """
+import runpy, sys
+import optuna
+
+ask = optuna.study.Study.ask
+
+
+def racing_ask(self, *args, **kwargs):
+    # Another process takes the last free slot between the sweeper's count and its ask.
+    if not getattr(racing_ask, "raced", False):
+        racing_ask.raced = True
+        other = optuna.load_study(study_name=self.study_name, storage=self._storage)
+        other.tell(other.ask(), 0.0)
+    return ask(self, *args, **kwargs)
+
+
+optuna.study.Study.ask = racing_ask
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_trial_asked_past_the_budget_in_a_race_is_never_run(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            RACE,
+            str(APP),
+            f"paths.root={tmp_path}",
+            f"log_file={tmp_path}/trials.log",
+            "hydra.sweeper.n_trials=1",
+            "hydra.sweeper.sampler=random",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    s = study(tmp_path)
+    assert [t.state for t in s.trials] == [
+        optuna.trial.TrialState.COMPLETE,  # the other process's trial
+        optuna.trial.TrialState.FAIL,  # ours: numbered 1 with a budget of 1
+    ]
+    assert s.trials[1].user_attrs == {"over_budget": True}
+    assert not (tmp_path / "trials.log").exists()  # nothing ran in this process
 
 
 @pytest.mark.slow
@@ -262,6 +313,9 @@ def test_two_processes_share_a_postgresql_study(tmp_path: Path, postgres: str) -
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     s = optuna.load_study(study_name="standin", storage=postgres)
-    assert len(s.trials) == 8
+    # A trial asked past the budget in a race between the two processes is marked, never run.
+    budget = [t for t in s.trials if "over_budget" not in t.user_attrs]
+    assert len(budget) == 8
+    assert all(t.state == optuna.trial.TrialState.FAIL for t in s.trials[8:])
     ran = [int(x) for x in (tmp_path / "trials.log").read_text().split()]
     assert sorted(ran) == list(range(8))

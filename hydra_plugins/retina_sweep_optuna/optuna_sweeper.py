@@ -13,7 +13,9 @@ The study lives in `storage`: by default an Optuna journal file next to the swee
 (`<paths.root>/<sweep name>/optuna_journal.log`, safe for several processes on one machine), or
 any database URL (PostgreSQL for several machines). Sweeps given the same `study_name` and storage
 share the study: each asks for new trials until the study holds `n_trials` trials in total, so
-they split the budget and never run a trial twice.
+they split the budget and never run a trial twice. Two processes can both see one free slot and
+both ask; a trial numbered past the budget is then told FAIL with the user attribute
+`over_budget` and never run (Optuna cannot delete a trial), so exactly `n_trials` trials train.
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ log = logging.getLogger(__name__)
 
 SAMPLERS = ("tpe", "random", "grid", "cmaes")
 PRUNERS = ("none", "median", "hyperband", "successive_halving")
+
+
+OVER_BUDGET_ATTR = "over_budget"
 
 
 @dataclass
@@ -194,7 +199,17 @@ class RetinaOptunaSweeper(Sweeper):
                 batch = min(int(self.opts.n_jobs), n_trials - taken)
                 if batch <= 0:
                     break
-                trials = [study.ask(space) for _ in range(batch)]
+                trials = []
+                for _ in range(batch):
+                    trial = study.ask(space)
+                    if trial.number >= n_trials:
+                        # Another process took the last slot between our count and this ask.
+                        trial.set_user_attr(OVER_BUDGET_ATTR, True)
+                        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                        continue
+                    trials.append(trial)
+                if not trials:
+                    break
                 overrides = []
                 for trial in trials:
                     params = [f"{k}={format_value(v)}" for k, v in trial.params.items()]
