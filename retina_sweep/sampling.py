@@ -130,11 +130,7 @@ def build_strategy(name: str, **params: Any) -> LossStrategy:
     return STRATEGIES[name](**params)
 
 
-def _register_sampling_strategies() -> None:
-    # ohem.py subclasses LossStrategy, so it is imported after this module's classes exist.
-    from .ohem import OHEM_STRATEGIES
-
-    STRATEGIES.update(OHEM_STRATEGIES)
-
-
-_register_sampling_strategies()
+# ohem.py subclasses LossStrategy and registers its strategies into STRATEGIES, so it is imported
+# after this module's names exist. When ohem.py is imported first, this finds it partially
+# initialised in sys.modules and its own last line completes the registry.
+from . import ohem  # noqa: E402, F401
