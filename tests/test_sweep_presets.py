@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from helpers import compose_config
 from omegaconf import OmegaConf
@@ -156,3 +158,13 @@ def test_hpo_preset_is_an_optuna_study_with_pruning() -> None:
         "model.anchors.scales_per_octave",
     }
     assert cfg.train.eval_every > 0  # the pruner needs periodic values
+
+
+@pytest.mark.parametrize(("overrides", "folder"), [([], "multirun"), (["+sweep=gamma"], "gamma")])
+def test_sweep_dir_is_named_after_the_sweep_or_multirun(overrides: list[str], folder: str) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    cfg = compose_config([*overrides, "paths.root=/out"], hydra=True)
+    HydraConfig.instance().set_config(cfg)  # the ${now:...} part reads Hydra's runtime config
+    parts = Path(str(cfg.hydra.sweep.dir)).parts
+    assert parts[:3] == ("/", "out", folder)  # a null sweep.name once made sweeps/None
