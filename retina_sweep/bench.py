@@ -8,7 +8,9 @@ Sections (all by default, or name some: `python -m retina_sweep.bench model stra
   (ResNet-10, 64 channels, 128 px, batch 8) and at paper width (ResNet-50, 256 channels, 512 px).
   Ours runs with the same settings as the oracle test (torchvision's anchors, L1, per-image
   normaliser) so both compute the same thing. The two are timed alternately, repeat after repeat,
-  and the median is kept, so that a noisy neighbour hits both alike.
+  and the median is kept, so that a noisy neighbour hits both alike. On CPU it also prints a
+  ceiling: 1 / the share of torchvision's step spent in convolutions (`conv_share`), the most a
+  detector with the same convolutions could gain by making everything else free.
 - `strategies`: training-step time of each training strategy (focal, OHEM, OHEM 1:3, random
   1:3) relative to focal loss, at the proxy size.
 - `overhead`: per-run overhead of Hydra + MLflow: a `scale=smoke` run as a subprocess, its wall
@@ -114,6 +116,23 @@ def _pair(depth: int, channels: int, size: int, num_classes: int, device: torch.
     return ours, theirs
 
 
+def conv_share(fn: Callable[[], None]) -> float:
+    """Fraction of ``fn``'s CPU op time spent in convolutions (forward and backward), by profiler.
+
+    This bounds what any RetinaNet with the same convolutions can gain over ``fn``: with the
+    convolutions as fast as ``fn``'s and everything else free, the ratio is ``1 / share``.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()  # warm-up outside the profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    conv = sum(e.self_cpu_time_total for e in events if "conv" in e.key)
+    return conv / total if total > 0 else float("nan")
+
+
 def _bench_pair(
     depth: int, channels: int, size: int, batch: int, *, repeats: int, device: torch.device
 ) -> dict[str, float]:
@@ -149,7 +168,14 @@ def _bench_pair(
 
     ours.eval(), theirs.eval()
     infer = time_alternating({"ours": infer_ours, "tv": infer_theirs}, repeats=repeats)
+    ceiling = {}
+    if device.type == "cpu":  # the profiler's CPU times say nothing about CUDA kernels
+        theirs.train()
+        ceiling["train_ceiling"] = 1 / conv_share(step_theirs)
+        theirs.eval()
+        ceiling["infer_ceiling"] = 1 / conv_share(infer_theirs)
     return {
+        **ceiling,
         "train_ours": 1 / train["ours"],
         "train_tv": 1 / train["tv"],
         "train_ratio": train["tv"] / train["ours"],
@@ -301,16 +327,24 @@ def to_markdown(results: dict) -> str:
             "Ours vs torchvision's RetinaNet, identical architecture and weights, same inputs "
             "(80 classes); ratio > 1 means ours is faster:",
             "",
-            "| setting | train steps/s ours | torchvision | ratio | infer img/s ours "
-            "| torchvision | ratio |",
-            "|---|---|---|---|---|---|---|",
+            "| setting | train steps/s ours | torchvision | ratio | ceiling "
+            "| infer img/s ours | torchvision | ratio | ceiling |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for r in results["model"]:
+            tc = f"{r['train_ceiling']:.2f}x" if "train_ceiling" in r else "n/a"
+            ic = f"{r['infer_ceiling']:.2f}x" if "infer_ceiling" in r else "n/a"
             lines.append(
                 f"| {r['setting']} | {r['train_ours']:.2f} | {r['train_tv']:.2f} | "
-                f"**{r['train_ratio']:.2f}x** | {r['infer_ours']:.1f} | {r['infer_tv']:.1f} | "
-                f"**{r['infer_ratio']:.2f}x** |"
+                f"**{r['train_ratio']:.2f}x** | {tc} | {r['infer_ours']:.1f} | "
+                f"{r['infer_tv']:.1f} | **{r['infer_ratio']:.2f}x** | {ic} |"
             )
+        lines += [
+            "",
+            "Ceiling: 1 / (share of torchvision's step spent in convolutions, by torch.profiler "
+            "on CPU) - the ratio a detector with the same convolutions would reach if everything "
+            "else cost nothing.",
+        ]
         lines.append("")
     if "strategies" in results:
         lines += [
