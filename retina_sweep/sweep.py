@@ -242,14 +242,21 @@ class ParentRun:
         )
 
     def summarize(self, metric: str = "AP") -> dict[str, Any]:
-        """Counts of the children by status and outcome, and the best `metric` among them."""
+        """Counts of the children by status and outcome, the best `metric` among them, and the
+        compute spent: `iterations_trained`, the training iterations of the completed children
+        (`train.iterations`) plus those of the pruned ones (`pruned_at`)."""
         counts: dict[str, int] = {}
         outcomes: dict[str, int] = {}
         best, best_run = -math.inf, None
+        iterations = 0
         for r in self.children():
             counts[r.info.status] = counts.get(r.info.status, 0) + 1
             out = r.data.tags.get("outcome", "unknown")
             outcomes[out] = outcomes.get(out, 0) + 1
+            if out == "pruned" and "pruned_at" in r.data.tags:
+                iterations += int(r.data.tags["pruned_at"])
+            elif out == "completed" and "train.iterations" in r.data.params:
+                iterations += int(r.data.params["train.iterations"])
             value = r.data.metrics.get(metric)
             if value is not None and not math.isnan(value) and value > best:
                 best, best_run = value, r
@@ -260,6 +267,7 @@ class ParentRun:
             f"best_{metric}": None if best_run is None else best,
             "best_run_id": None if best_run is None else best_run.info.run_id,
             "best_cell": None if best_run is None else best_run.data.tags.get("cell"),
+            "iterations_trained": iterations,
         }
         return summary
 
@@ -272,6 +280,7 @@ class ParentRun:
         now = int(time.time() * 1000)
         metrics = [Metric(f"n_{k.lower()}", float(v), now, 0) for k, v in summary["status"].items()]
         metrics += [Metric(f"n_{k}", float(v), now, 0) for k, v in summary["outcome"].items()]
+        metrics.append(Metric("iterations_trained", float(summary["iterations_trained"]), now, 0))
         if summary[f"best_{metric}"] is not None:
             metrics.append(Metric(f"best_{metric}", float(summary[f"best_{metric}"]), now, 0))
         tags = [RunTag("best_cell", str(summary["best_cell"]))] if summary["best_cell"] else []

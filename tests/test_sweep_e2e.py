@@ -54,6 +54,7 @@ def test_grid_sweep_parent_children_tags_and_resume(tmp_path: Path) -> None:
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["sweep"] == "tiny_grid" and parent.data.tags["table"] == "1b"
     assert parent.data.metrics["n_finished"] == 2
+    assert parent.data.metrics["iterations_trained"] == 2 * 4  # scale=smoke trains 4 iterations
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
     assert {c.data.params["loss.gamma"] for c in children} == {"0.0", "2.0"}
     for c in children:
@@ -182,3 +183,31 @@ def test_mlflow_server_shows_the_sweep_over_rest(tmp_path: Path) -> None:
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_parent_summary_counts_the_iterations_pruning_saved() -> None:
+    from types import SimpleNamespace
+
+    from retina_sweep.sweep import ParentRun
+
+    def child(outcome: str, ap: float | None, **tags: str):
+        return SimpleNamespace(
+            info=SimpleNamespace(status="FINISHED", run_id=outcome + str(ap)),
+            data=SimpleNamespace(
+                tags={"outcome": outcome, **tags},
+                params={"train.iterations": "400"},
+                metrics={} if ap is None else {"AP": ap},
+            ),
+        )
+
+    kids = [
+        child("completed", 30.0),
+        child("completed", 35.0),
+        child("pruned", None, pruned_at="100"),
+        child("pruned", None, pruned_at="200"),
+        child("diverged", None),  # stopped at an unknown step: not counted
+    ]
+    mlf = SimpleNamespace(search_runs=lambda *a, **k: kids)
+    summary = ParentRun(mlf, "0", "parent").summarize("AP")
+    assert summary["iterations_trained"] == 400 + 400 + 100 + 200
+    assert summary["best_AP"] == 35.0 and summary["outcome"]["pruned"] == 2
