@@ -56,6 +56,19 @@ def test_unknown_names_are_clear_errors(kwargs: dict, key: str) -> None:
         RetinaOptunaSweeper(**kwargs)
 
 
+@pytest.mark.parametrize("key", ["sampler_args", "pruner_args"])
+def test_bad_sampler_or_pruner_arguments_name_the_key(key: str) -> None:
+    with pytest.raises(ValueError, match=rf"hydra\.sweeper\.{key}: .*n_startup_trails"):
+        RetinaOptunaSweeper(pruner="median", **{key: {"n_startup_trails": 4}})
+
+
+def test_sampler_args_reach_the_sampler() -> None:
+    from hydra_plugins.retina_sweep_optuna.optuna_sweeper import build_sampler
+
+    tpe = build_sampler("tpe", 0, {}, {"n_startup_trials": 3})
+    assert tpe._n_startup_trials == 3
+
+
 def test_tpe_sweep_completes_and_finds_the_optimum_region(tmp_path: Path) -> None:
     proc = standin(tmp_path, "hydra.sweeper.n_trials=8", "hydra.sweeper.sampler=tpe")
     out, _ = proc.communicate(timeout=300)

@@ -47,6 +47,7 @@ OVER_BUDGET_ATTR = "over_budget"
 class RetinaOptunaSweeperConf:
     _target_: str = "hydra_plugins.retina_sweep_optuna.optuna_sweeper.RetinaOptunaSweeper"
     sampler: str = "tpe"
+    sampler_args: dict[str, Any] = field(default_factory=dict)  # e.g. {n_startup_trials: 4}
     seed: int = 0
     direction: str = "maximize"
     metric: str = "AP"
@@ -59,15 +60,18 @@ class RetinaOptunaSweeperConf:
     params: dict[str, Any] = field(default_factory=dict)
 
 
-def build_sampler(name: str, seed: int, space: dict[str, Any]):
+def build_sampler(name: str, seed: int, space: dict[str, Any], args: dict[str, Any] | None = None):
+    """The Optuna sampler ``name`` with ``seed``; ``args`` go to its constructor (for TPE e.g.
+    ``n_startup_trials``: Optuna's default of 10 random trials is most of a short study)."""
     import optuna
 
+    args = dict(args or {})
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed)
+        return optuna.samplers.TPESampler(seed=seed, **args)
     if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
+        return optuna.samplers.RandomSampler(seed=seed, **args)
     if name == "cmaes":
-        return optuna.samplers.CmaEsSampler(seed=seed)
+        return optuna.samplers.CmaEsSampler(seed=seed, **args)
     if name == "grid":
         grid = {}
         for key, dist in space.items():
@@ -76,7 +80,7 @@ def build_sampler(name: str, seed: int, space: dict[str, Any]):
                     f"hydra.sweeper.sampler=grid needs choice()/range() values, {key} is {dist}"
                 )
             grid[key] = list(dist.choices)
-        return optuna.samplers.GridSampler(grid, seed=seed)
+        return optuna.samplers.GridSampler(grid, seed=seed, **args)
     raise ValueError(f"hydra.sweeper.sampler must be one of {', '.join(SAMPLERS)}, got {name!r}")
 
 
@@ -130,6 +134,20 @@ class RetinaOptunaSweeper(Sweeper):
             )
         if int(self.opts.n_trials) < 1 or int(self.opts.n_jobs) < 1:
             raise ValueError("hydra.sweeper.n_trials and n_jobs must be >= 1")
+        # Bad constructor arguments fail here, naming the key, before any trial runs.
+        checks = [("pruner_args", lambda: build_pruner(self.opts.pruner, self.opts.pruner_args))]
+        if self.opts.sampler != "grid":  # a grid sampler needs the search space
+            checks.append(
+                (
+                    "sampler_args",
+                    lambda: build_sampler(self.opts.sampler, 0, {}, self.opts.sampler_args),
+                )
+            )
+        for key, build in checks:
+            try:
+                build()
+            except TypeError as exc:
+                raise ValueError(f"hydra.sweeper.{key}: {exc}") from exc
         self.config: DictConfig | None = None
         self.launcher = None
         self.hydra_context: HydraContext | None = None
@@ -179,7 +197,9 @@ class RetinaOptunaSweeper(Sweeper):
         study = optuna.create_study(
             study_name=study_name,
             storage=make_storage(spec),
-            sampler=build_sampler(self.opts.sampler, int(self.opts.seed), space),
+            sampler=build_sampler(
+                self.opts.sampler, int(self.opts.seed), space, self.opts.sampler_args
+            ),
             pruner=build_pruner(self.opts.pruner, self.opts.pruner_args),
             direction=self.opts.direction,
             load_if_exists=True,
