@@ -62,6 +62,11 @@ def test_bad_sampler_or_pruner_arguments_name_the_key(key: str) -> None:
         RetinaOptunaSweeper(pruner="median", **{key: {"n_startup_trails": 4}})
 
 
+def test_turning_pruning_off_keeps_a_presets_pruner_args() -> None:
+    # `+sweep=hpo hydra.sweeper.pruner=none` leaves the preset's Hyperband arguments in place.
+    RetinaOptunaSweeper(pruner="none", pruner_args={"min_resource": 100, "max_resource": 400})
+
+
 def test_sampler_args_reach_the_sampler() -> None:
     from hydra_plugins.retina_sweep_optuna.optuna_sweeper import build_sampler
 

@@ -95,6 +95,9 @@ def build_pruner(name: str, args: dict[str, Any]):
     }
     if name not in makers:
         raise ValueError(f"hydra.sweeper.pruner must be one of {', '.join(PRUNERS)}, got {name!r}")
+    if name == "none":
+        # A preset's pruner_args stay in place when the command line turns pruning off.
+        return optuna.pruners.NopPruner()
     return makers[name](**dict(args or {}))
 
 
