@@ -320,14 +320,9 @@ def _select_from_pool(
 
     # (4) Highest-loss survivors, optionally balanced.
     if pos_fraction is None:
-        top_val, top_slot = _take_ranked(surv_val, batch_size)
-        chosen = top_val > neg_inf
-        slots = top_slot
-        # Exact: the minibatch is full and all of it outranks everything left out; or nothing
-        # was left out.
-        full = chosen.sum(dim=1) == batch_size
-        lowest = top_val.masked_fill(~chosen, float("inf")).amin(dim=1)
-        exact = (outside == neg_inf) | (full & (lowest > outside))
+        chosen_val, slots = _take_ranked(surv_val, batch_size)
+        chosen = chosen_val > neg_inf
+        positives_exact = torch.ones_like(outside, dtype=torch.bool)
     else:
         cand_fg = fg.gather(1, cand_idx)
         pos_slot, pos_chosen, neg_slot, neg_chosen = _balanced_from_ranked(
@@ -339,16 +334,16 @@ def _select_from_pool(
         slots = torch.cat([pos_slot, neg_slot], dim=1)
         chosen = torch.cat([pos_chosen, neg_chosen], dim=1)
         chosen_val = cand_val.gather(1, slots)
-        full = chosen.sum(dim=1) == batch_size
-        lowest = chosen_val.masked_fill(~chosen, float("inf")).amin(dim=1)
         # With fewer positives than the cap, every positive's fate must be exact too: all of
         # them must outrank everything left out.
         max_pos = int(math.floor(batch_size * pos_fraction + 1e-9))
         capped = pos_chosen.sum(dim=1) == max_pos
-        lowest_pos = scores.masked_fill(~fg, float("inf")).amin(dim=1)
-        exact = (outside == neg_inf) | (
-            full & (lowest > outside) & (capped | (lowest_pos > outside))
-        )
+        positives_exact = capped | (scores.masked_fill(~fg, float("inf")).amin(dim=1) > outside)
+    # Exact: nothing was left out, or the minibatch is full and all of it outranks everything
+    # left out.
+    filled = chosen.sum(dim=1) == batch_size
+    lowest = chosen_val.masked_fill(~chosen, float("inf")).amin(dim=1)
+    exact = (outside == neg_inf) | (filled & (lowest > outside) & positives_exact)
     return _rows_to_mask((n, a), cand_idx.gather(1, slots), chosen), exact
 
 

@@ -595,3 +595,27 @@ def test_registry_builds_from_the_loss_config(name: str) -> None:
         OHEM_STRATEGIES["ohem_1to3"](batch_size=8, nms_thresh=0.5).pos_fraction, float
     )
     assert OHEM_STRATEGIES["ohem"](batch_size=8, nms_thresh=0.5).pos_fraction is None
+
+
+def test_ohem_1to3_shortcut_never_drops_positives_left_out_of_the_small_pool() -> None:
+    """More positives than the small pool holds, and those inside suppress each other: the full
+    pool's minibatch takes the lower-loss positives the small pool left out (a positive is taken
+    before any negative up to the cap, whatever its loss)."""
+    n_pos, n_neg = 40, 40
+    state = torch.cat([torch.ones(n_pos), torch.zeros(n_neg)]).long()[None]
+    scores = torch.cat(
+        [
+            torch.linspace(6.0, 5.0, 32),  # the small pool's positives (pool = 4 x batch 8)
+            torch.linspace(2.0, 1.0, 8),  # positives left out of it
+            torch.linspace(50.0, 10.0, 32),  # negatives: everything chosen outranks ...
+            torch.linspace(0.5, 0.1, 8),  # ... every anchor left out, positives aside
+        ]
+    )[None]
+    boxes = disjoint_boxes(1, n_pos + n_neg)
+    boxes[0, :32] = boxes[0, 0]  # one survivor among the pooled positives
+    got = ohem_select(
+        scores, boxes, state, batch_size=8, nms_thresh=0.5, pos_fraction=0.5, pre_nms_topk=80
+    )
+    want = naive_ohem(scores, boxes, state, 8, 0.5, 0.5)
+    assert torch.equal(got, want)
+    assert int(got[0, :n_pos].sum()) == 4  # the cap of 8 x 0.5, three of them from outside
