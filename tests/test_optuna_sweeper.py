@@ -20,11 +20,13 @@ from retina_sweep.train import run
 APP = Path(__file__).resolve().parent / "optuna_app" / "app.py"
 
 
-def standin(tmp_path: Path, *args: str) -> subprocess.Popen:
+def standin(tmp_path: Path, *args: str, python: tuple[str, ...] = ()) -> subprocess.Popen:
+    """The stand-in app as a subprocess; ``python`` = interpreter options before the script."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
         [
             sys.executable,
+            *python,
             str(APP),
             f"paths.root={tmp_path}",
             f"log_file={tmp_path}/trials.log",
@@ -180,24 +182,14 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 def test_a_trial_asked_past_the_budget_in_a_race_is_never_run(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            RACE,
-            str(APP),
-            f"paths.root={tmp_path}",
-            f"log_file={tmp_path}/trials.log",
-            "hydra.sweeper.n_trials=1",
-            "hydra.sweeper.sampler=random",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    proc = standin(
+        tmp_path,
+        "hydra.sweeper.n_trials=1",
+        "hydra.sweeper.sampler=random",
+        python=("-c", RACE),
     )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
     s = study(tmp_path)
     assert [t.state for t in s.trials] == [
         optuna.trial.TrialState.COMPLETE,  # the other process's trial

@@ -138,19 +138,15 @@ class RetinaOptunaSweeper(Sweeper):
         if int(self.opts.n_trials) < 1 or int(self.opts.n_jobs) < 1:
             raise ValueError("hydra.sweeper.n_trials and n_jobs must be >= 1")
         # Bad constructor arguments fail here, naming the key, before any trial runs.
-        checks = [("pruner_args", lambda: build_pruner(self.opts.pruner, self.opts.pruner_args))]
+        try:
+            build_pruner(self.opts.pruner, self.opts.pruner_args)
+        except TypeError as exc:
+            raise ValueError(f"hydra.sweeper.pruner_args: {exc}") from exc
         if self.opts.sampler != "grid":  # a grid sampler needs the search space
-            checks.append(
-                (
-                    "sampler_args",
-                    lambda: build_sampler(self.opts.sampler, 0, {}, self.opts.sampler_args),
-                )
-            )
-        for key, build in checks:
             try:
-                build()
+                build_sampler(self.opts.sampler, 0, {}, self.opts.sampler_args)
             except TypeError as exc:
-                raise ValueError(f"hydra.sweeper.{key}: {exc}") from exc
+                raise ValueError(f"hydra.sweeper.sampler_args: {exc}") from exc
         self.config: DictConfig | None = None
         self.launcher = None
         self.hydra_context: HydraContext | None = None
