@@ -15,11 +15,13 @@ Only the *train* split is used, so the val split stays unseen.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -140,28 +142,54 @@ def synthetic_pretrained_backbone(
     recipe: PretrainRecipe | None = None,
 ) -> Path:
     """Path of the cached backbone weights for this dataset; trains them first if absent."""
-    from torchvision.models.resnet import ResNet
 
     from .data.synthetic import default_cache_dir, generate
-    from .model.backbone import DEPTHS, _norm_layer
 
     recipe = recipe or PretrainRecipe()
     splits = generate(cache_dir, **dict(synthetic))
     root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    out = root / "pretrained" / f"resnet{depth}_{norm}_{_key(depth, norm, splits.key, recipe)}.pt"
+    # "frozen_bn" in the detector loads BN statistics: it is pretrained with real BN, so "bn" and
+    # "frozen_bn" share one set of weights (and one cache entry).
+    train_norm = "gn" if norm == "gn" else "bn"
+    key = _key(depth, train_norm, splits.key, recipe)
+    out = root / "pretrained" / f"resnet{depth}_{train_norm}_{key}.pt"
     if out.exists():
         return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Parallel trials of a sweep on a cold cache: one trains, the others wait for its file.
+    with _exclusive(out.with_name(f".{out.name}.lock")):
+        if out.exists():
+            return out
+        return _pretrain(out, depth, train_norm, splits, recipe)
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """An advisory inter-process lock (POSIX flock); a no-op where fcntl does not exist."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: concurrent trials may both pretrain; the write is atomic
+        yield
+        return
+    with open(lock_path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _pretrain(out: Path, depth: int, norm: str, splits: Any, recipe: PretrainRecipe) -> Path:
+    """Train the backbone on crops of ``splits`` and write its weights (less ``fc``) to out."""
+    from torchvision.models.resnet import ResNet
+
+    from .model.backbone import DEPTHS, _norm_layer
+
     tic = time.perf_counter()
     images, boxes, labels, num_classes = _load_split(splits.train_json, splits.train_images)
     block, layers = DEPTHS[depth]
     torch.manual_seed(recipe.seed)  # the pretraining is deterministic on CPU
-    # "frozen_bn" in the detector loads BN statistics: pretrain with real BN.
-    net = ResNet(
-        block,
-        layers,
-        num_classes=num_classes + 1,
-        norm_layer=_norm_layer(norm if norm == "gn" else "bn"),
-    )
+    net = ResNet(block, layers, num_classes=num_classes + 1, norm_layer=_norm_layer(norm))
     g = torch.Generator().manual_seed(recipe.seed)
     opt = torch.optim.SGD(
         net.parameters(), lr=recipe.lr, momentum=0.9, weight_decay=recipe.weight_decay
@@ -183,7 +211,6 @@ def synthetic_pretrained_backbone(
             correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
     state = {k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     torch.save(state, tmp)
     os.replace(tmp, out)

@@ -36,6 +36,13 @@ def test_pretrained_backbone_is_cached_and_loads(tmp_path: Path, monkeypatch) ->
         )
         == path
     )
+    # frozen_bn is pretrained with real BN: it shares the bn weights instead of retraining.
+    assert (
+        synthetic_pretrained_backbone(
+            depth=10, norm="frozen_bn", synthetic=TINY, cache_dir=tmp_path, recipe=RECIPE
+        )
+        == path
+    )
     # Another dataset is another key.
     with pytest.raises(AssertionError, match="retrained"):
         synthetic_pretrained_backbone(
@@ -55,3 +62,36 @@ def test_synthetic_pretraining_needs_the_synthetic_dataset() -> None:
     cfg = compose_config(["data=coco", "data.root=/x", "model.backbone.pretrained=synthetic"])
     with pytest.raises(ConfigError, match=r"model\.backbone\.pretrained"):
         validate(cfg)
+
+
+def test_parallel_trials_on_a_cold_cache_pretrain_once(tmp_path: Path) -> None:
+    """Two processes asking at once: one trains, the other waits and reuses its file."""
+    import json
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys\n"
+        "from retina_sweep import pretrain\n"
+        "calls = []\n"
+        "real = pretrain._pretrain\n"
+        "pretrain._pretrain = lambda *a, **k: calls.append(1) or real(*a, **k)\n"
+        "path = pretrain.synthetic_pretrained_backbone(depth=10, norm='bn', synthetic="
+        f"{TINY!r}, cache_dir=sys.argv[1], recipe=pretrain.PretrainRecipe(steps=40, "
+        "batch_size=8, crop=32))\n"
+        "print(json.dumps([str(path), len(calls)]))\n"
+    )
+    # Generate the dataset first so that both processes reach the pretraining together.
+    from retina_sweep.data.synthetic import generate
+
+    generate(tmp_path, **TINY)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    results = [json.loads(p.communicate(timeout=300)[0].strip().splitlines()[-1]) for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert results[0][0] == results[1][0]
+    assert sorted(n for _, n in results) == [0, 1]
