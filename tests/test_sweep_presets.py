@@ -152,6 +152,8 @@ def test_hpo_preset_is_an_optuna_study_with_pruning() -> None:
     sweeper = cfg.hydra.sweeper
     assert sweeper._target_.endswith("RetinaOptunaSweeper")
     assert sweeper.sampler == "tpe" and sweeper.pruner == "hyperband"
+    # TPE guides most of the study: fewer random start-up trials than trials.
+    assert sweeper.sampler_args.n_startup_trials < sweeper.n_trials
     assert set(sweeper.params) == {
         "loss.alpha",
         "loss.gamma",
