@@ -170,6 +170,25 @@ def test_lowest_check_fails_when_the_row_is_not_lowest(store: Store) -> None:
     assert t.checks[0]["status"] == "fails"
 
 
+def test_noise_verdict_uses_the_compared_rows_not_the_noisiest_row(store: Store) -> None:
+    # alpha .10 (0.5, 0.7) vs the runner-up alpha .25 (10, 12): margin 10.4 AP against a seed
+    # std of 1.4 between them. A very noisy row elsewhere (alpha .6: 5 and 45, std 28) must not
+    # turn that into "within noise".
+    for seed, ap in enumerate((5.0, 45.0)):
+        store.run(
+            table="1a",
+            sweep="alpha",
+            params={"loss.alpha": 0.6, "loss.gamma": 0.0},
+            ap=ap,
+            seed=seed,
+        )
+    report = build_report(tracking_uri=store.uri, table="1a", out=Path(store.uri[10:]).parent / "r")
+    check = report.tables["1a"].checks[0]
+    assert check["status"] == "holds"
+    assert "margin +10.4 AP" in check["detail"]
+    assert "compared rows 1.4 (beyond the seed spread)" in check["detail"]
+
+
 def test_latest_finished_run_per_config_wins_over_a_later_failure(store: Store) -> None:
     from retina_sweep.report.core import load_runs
 

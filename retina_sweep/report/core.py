@@ -350,8 +350,14 @@ def _match(df: pd.DataFrame, where: dict[str, Any]) -> pd.Series:
 
 
 def _spread(rows: pd.DataFrame) -> float:
+    """The larger seed std of ``rows``: the rows a check compares, not the whole table (one
+    noisy row elsewhere in the table says nothing about the two rows being compared)."""
     stds = rows["AP std"].dropna() if "AP std" in rows else pd.Series(dtype=float)
     return float(stds.max()) if len(stds) else 0.0
+
+
+def _best(rows: pd.DataFrame) -> pd.DataFrame:
+    return rows.loc[[rows["AP"].idxmax()]]
 
 
 def run_checks(spec: TableSpec, df: pd.DataFrame, others: dict[str, Table] | None = None):
@@ -368,14 +374,18 @@ def run_checks(spec: TableSpec, df: pd.DataFrame, others: dict[str, Table] | Non
             if kind in ("lowest", "near_best"):
                 sel = have[_match(have, check["row"])]
                 if len(sel):
+                    sel = sel.iloc[[0]]
                     value = float(sel["AP"].iloc[0])
-                    rest = have.drop(sel.index)
-                    spread = _spread(have)
                     if kind == "lowest":
-                        margin = float(rest["AP"].min()) - value
+                        rest = have.drop(sel.index)
+                        other = rest.loc[[rest["AP"].idxmin()]]  # the runner-up from below
+                        margin = float(other["AP"].iloc[0]) - value
+                        spread = _spread(pd.concat([sel, other]))
                         ok = margin > 0
                     else:
-                        margin = value - float(have["AP"].max())
+                        other = _best(have)
+                        margin = value - float(other["AP"].iloc[0])
+                        spread = _spread(pd.concat([sel, other]))
                         ok = margin >= -max(1.0, 2 * spread)
                     res.update(_verdict(ok, margin, spread))
             elif kind == "best_below":
@@ -383,7 +393,8 @@ def run_checks(spec: TableSpec, df: pd.DataFrame, others: dict[str, Table] | Non
                 b = have[_match(have, check["than"])]
                 if len(a) and len(b):
                     margin = float(b["AP"].max()) - float(a["AP"].max())
-                    res.update(_verdict(margin > 0, margin, _spread(pd.concat([a, b]))))
+                    spread = _spread(pd.concat([_best(a), _best(b)]))
+                    res.update(_verdict(margin > 0, margin, spread))
         results.append(res)
     return results
 
@@ -393,7 +404,7 @@ def _verdict(ok: bool, margin: float, spread: float) -> dict[str, str]:
     note = "" if beyond is None else (" (beyond the seed spread)" if beyond else " (within noise)")
     return {
         "status": "holds" if ok else "fails",
-        "detail": f"margin {margin:+.1f} AP, largest seed std {spread:.1f}{note}",
+        "detail": f"margin {margin:+.1f} AP, seed std of the compared rows {spread:.1f}{note}",
     }
 
 
@@ -405,15 +416,15 @@ def resolve_cross_checks(tables: dict[str, Table]) -> None:
             if check is None:
                 continue
             other = tables.get(check["other"])
-            mine = table.rows["AP"].dropna() if "AP" in table.rows else pd.Series(dtype=float)
+            mine = table.rows.dropna(subset=["AP"]) if "AP" in table.rows else pd.DataFrame()
             theirs = (
-                other.rows["AP"].dropna()
+                other.rows.dropna(subset=["AP"])
                 if other is not None and "AP" in other.rows
-                else pd.Series(dtype=float)
+                else pd.DataFrame()
             )
             if len(mine) and len(theirs):
-                margin = float(mine.max()) - float(theirs.max())
-                spread = max(_spread(table.rows), _spread(other.rows))
+                margin = float(mine["AP"].max()) - float(theirs["AP"].max())
+                spread = max(_spread(_best(mine)), _spread(_best(theirs)))
                 res.update(_verdict(margin > 0, margin, spread))
             else:
                 res["detail"] = (
