@@ -89,14 +89,10 @@ def test_tpe_sweep_completes_and_finds_the_optimum_region(tmp_path: Path) -> Non
 
 
 def test_two_processes_share_one_journal_study_without_duplicates(tmp_path: Path) -> None:
+    # The same command twice (same sampler seed), as users share a study.
     procs = [
-        standin(
-            tmp_path,
-            "hydra.sweeper.n_trials=10",
-            "hydra.sweeper.sampler=random",
-            f"hydra.sweeper.seed={i}",
-        )
-        for i in range(2)
+        standin(tmp_path, "hydra.sweeper.n_trials=10", "hydra.sweeper.sampler=random")
+        for _ in range(2)
     ]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
@@ -105,8 +101,59 @@ def test_two_processes_share_one_journal_study_without_duplicates(tmp_path: Path
     assert len(budget) == 10
     ran = [int(x) for x in (tmp_path / "trials.log").read_text().split()]
     assert sorted(ran) == list(range(10))  # every trial exactly once, across both processes
+    # ... and no configuration twice: one seeded sampler per process drew the same points.
+    assert len({t.params["x"] for t in budget}) == 10
     # both processes did work
     assert all("trial" in o for o in outs)
+
+
+def test_a_grid_study_runs_to_the_end_of_its_grid(tmp_path: Path) -> None:
+    # Optuna's GridSampler calls study.stop() after the last point, which raises outside
+    # study.optimize: the sweep crashed on its last tell.
+    proc = standin(
+        tmp_path,
+        "hydra.sweeper.sampler=grid",
+        "x=choice(-1.0,1.0,2.0)",
+        "hydra.sweeper.n_trials=3",
+    )
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    s = study(tmp_path)
+    assert sorted(t.params["x"] for t in s.trials) == [-1.0, 1.0, 2.0]
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in s.trials)
+
+
+@pytest.mark.parametrize("sampler", ["random", "tpe", "grid"])
+def test_processes_sharing_a_study_draw_what_one_process_would(sampler: str) -> None:
+    """Two study objects on one storage (two processes), same seed: no point drawn twice, and
+    the same points, trial by trial, as one process asking alone."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    from hydra_plugins.retina_sweep_optuna.optuna_sweeper import ask_trial, tell
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if sampler == "grid":
+        space = {"b": CategoricalDistribution([1, 2]), "c": CategoricalDistribution(["x", "y"])}
+    else:
+        space = {
+            "a": FloatDistribution(0.0, 1.0),
+            "b": IntDistribution(1, 4),
+            "c": CategoricalDistribution(["x", "y"]),
+        }
+    args = {"n_startup_trials": 2} if sampler == "tpe" else {}
+
+    def ask(s: optuna.Study) -> dict:
+        trial = ask_trial(s, space, sampler=sampler, seed=0, sampler_args=args)
+        tell(s, trial, float(len(s.trials)))  # TPE takes over after 2 trials
+        return trial.params
+
+    storage = optuna.storages.InMemoryStorage()
+    first = optuna.create_study(study_name="shared", storage=storage)
+    second = optuna.load_study(study_name="shared", storage=storage)
+    shared = [ask(s) for s in (first, second, first, second)]
+    assert len({tuple(p.values()) for p in shared}) == 4
+    alone = optuna.create_study(storage=optuna.storages.InMemoryStorage())
+    assert [ask(alone) for _ in range(4)] == shared
 
 
 def test_pruner_prunes_a_trial_built_to_be_bad(tmp_path: Path) -> None:

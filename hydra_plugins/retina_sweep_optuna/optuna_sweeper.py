@@ -13,7 +13,8 @@ The study lives in `storage`: by default an Optuna journal file next to the swee
 (`<paths.root>/<sweep name>/optuna_journal.log`, safe for several processes on one machine), or
 any database URL (PostgreSQL for several machines). Sweeps given the same `study_name` and storage
 share the study: each asks for new trials until the study holds `n_trials` trials in total, so
-they split the budget and never run a trial twice. Two processes can both see one free slot and
+they split the budget and never run a trial twice; each trial's random draws are seeded from
+(`seed`, trial number), so processes running the same command do not sample the same points. Two processes can both see one free slot and
 both ask; a trial numbered past the budget is then told FAIL with the user attribute
 `over_budget` and never run (Optuna cannot delete a trial), so exactly `n_trials` trials train.
 """
@@ -82,6 +83,57 @@ def build_sampler(name: str, seed: int, space: dict[str, Any], args: dict[str, A
             grid[key] = list(dist.choices)
         return optuna.samplers.GridSampler(grid, seed=seed, **args)
     raise ValueError(f"hydra.sweeper.sampler must be one of {', '.join(SAMPLERS)}, got {name!r}")
+
+
+def trial_seed(seed: int, number: int) -> int:
+    """The sampler seed for trial ``number`` of a study sampled with ``seed``."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([int(seed), int(number)]).generate_state(1)[0])
+
+
+def ask_trial(study, space: dict[str, Any], *, sampler: str, seed: int, sampler_args=None):
+    """Ask ``study`` for a trial whose random draws depend on (seed, trial number) only.
+
+    Several sweep processes sharing a study run the same command, so one seeded sampler per
+    process would draw the same points in each of them (two processes trained every random
+    start-up configuration twice). Each trial is therefore sampled by a sampler seeded from
+    ``(seed, trial.number)``: the study's points are the same whether one process asks for them
+    or several, and reproducible from the seed. The samplers keep no state of their own between
+    trials (TPE and random read the study; CMA-ES keeps its state in the study's trials). The
+    grid sampler is the exception: it gives trial n the n-th point of a grid shuffled by its
+    seed, which is already unique across processes as long as they all keep the one seed.
+    """
+    import optuna
+
+    if sampler == "grid":
+        study.sampler = build_sampler(sampler, seed, space, sampler_args)
+        trial = study.ask()
+    else:
+        trial = study.ask()  # draws nothing yet: the parameters are suggested below
+        study.sampler = build_sampler(sampler, trial_seed(seed, trial.number), space, sampler_args)
+    for name, dist in space.items():
+        if isinstance(dist, optuna.distributions.FloatDistribution):
+            trial.suggest_float(name, dist.low, dist.high, step=dist.step, log=dist.log)
+        elif isinstance(dist, optuna.distributions.IntDistribution):
+            trial.suggest_int(name, dist.low, dist.high, step=dist.step, log=dist.log)
+        else:
+            trial.suggest_categorical(name, dist.choices)
+    return trial
+
+
+def tell(study, trial, value: float | None = None, state=None) -> None:
+    """``study.tell`` that survives the grid sampler's end of grid.
+
+    Optuna's GridSampler calls ``study.stop()`` after the last grid point is told, which raises
+    outside ``study.optimize``; the trial's state and value are stored before that (Optuna
+    writes them in a ``finally``), and this sweeper stops on ``n_trials`` anyway.
+    """
+    try:
+        study.tell(trial, value, state=state)
+    except RuntimeError as exc:
+        if "Study.stop" not in str(exc):
+            raise
 
 
 def build_pruner(name: str, args: dict[str, Any]):
@@ -220,11 +272,17 @@ class RetinaOptunaSweeper(Sweeper):
                     break
                 trials = []
                 for _ in range(batch):
-                    trial = study.ask(space)
+                    trial = ask_trial(
+                        study,
+                        space,
+                        sampler=self.opts.sampler,
+                        seed=int(self.opts.seed),
+                        sampler_args=self.opts.sampler_args,
+                    )
                     if trial.number >= n_trials:
                         # Another process took the last slot between our count and this ask.
                         trial.set_user_attr(OVER_BUDGET_ATTR, True)
-                        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                        tell(study, trial, state=optuna.trial.TrialState.FAIL)
                         continue
                     trials.append(trial)
                 if not trials:
@@ -273,17 +331,17 @@ class RetinaOptunaSweeper(Sweeper):
 
         TrialState = optuna.trial.TrialState
         if result.status != JobStatus.COMPLETED:
-            study.tell(trial, state=TrialState.FAIL)
+            tell(study, trial, state=TrialState.FAIL)
             return "FAILED"
         frozen = study._storage.get_trial(trial._trial_id)
         if pruned_attr in frozen.user_attrs:
-            study.tell(trial, state=TrialState.PRUNED)
+            tell(study, trial, state=TrialState.PRUNED)
             return "PRUNED"
         value = result.return_value
         if value is None or (isinstance(value, float) and math.isnan(value)):
-            study.tell(trial, state=TrialState.FAIL)
+            tell(study, trial, state=TrialState.FAIL)
             return "FAILED (no objective)"
-        study.tell(trial, float(value))
+        tell(study, trial, float(value))
         return "done"
 
     def _parent(self, study_name: str, spec: str, space: dict[str, Any]):
