@@ -291,19 +291,25 @@ class ParentRun:
 
 
 class Progress:
-    """One line per finished trial: `[k/N] cell: AP=.. | elapsed .. | ETA ..`."""
+    """One line per finished trial: `[k/N] cell: AP=.. | elapsed .. | ETA ..`.
 
-    def __init__(self, total: int, *, name: str | None = None, echo=print) -> None:
+    ``done`` counts trials finished before this process started; processes that share the work
+    (several sweeps on one Optuna study) pass the shared count to `update`, so k/N and the ETA
+    describe the whole study at this process's pace.
+    """
+
+    def __init__(self, total: int, *, name: str | None = None, echo=print, done: int = 0) -> None:
         self.total = total
-        self.done = 0
+        self.done = self.base = done
         self.start = time.perf_counter()
         self.name = name or "sweep"
         self.echo = echo
 
-    def update(self, label: str, value: float | None, status: str) -> str:
-        self.done += 1
+    def update(self, label: str, value: float | None, status: str, done: int | None = None) -> str:
+        self.done = self.done + 1 if done is None else done
         elapsed = time.perf_counter() - self.start
-        eta = elapsed / self.done * (self.total - self.done)
+        ran = max(self.done - self.base, 1)
+        eta = elapsed / ran * max(self.total - self.done, 0)
         ap = "n/a" if value is None or math.isnan(value) else f"{value:.2f}"
         line = (
             f"[{self.name} {self.done}/{self.total}] {label}: {status} AP={ap} | "

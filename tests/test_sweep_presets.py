@@ -170,3 +170,18 @@ def test_sweep_dir_is_named_after_the_sweep_or_multirun(overrides: list[str], fo
     HydraConfig.instance().set_config(cfg)  # the ${now:...} part reads Hydra's runtime config
     parts = Path(str(cfg.hydra.sweep.dir)).parts
     assert parts[:3] == ("/", "out", folder)  # a null sweep.name once made sweeps/None
+
+
+def test_progress_line_counts_the_trials_of_every_process_sharing_a_study(monkeypatch) -> None:
+    from retina_sweep import sweep
+
+    clock = iter([0.0, 60.0, 90.0])
+    monkeypatch.setattr(sweep.time, "perf_counter", lambda: next(clock))
+    lines: list[str] = []
+    # 4 of 10 trials finished before this process joined; 60 s later the study has 6.
+    progress = sweep.Progress(10, name="s", echo=lines.append, done=4)
+    progress.update("trial 7", 30.0, "done", done=6)
+    assert lines[-1] == "[s 6/10] trial 7: done AP=30.00 | elapsed 1:00 | ETA 2:00"
+    # Without a shared count it counts its own trials.
+    progress.update("trial 8", None, "PRUNED")
+    assert lines[-1].startswith("[s 7/10] trial 8: PRUNED AP=n/a | elapsed 1:30 | ETA 1:30")

@@ -122,6 +122,14 @@ def ask_trial(study, space: dict[str, Any], *, sampler: str, seed: int, sampler_
     return trial
 
 
+def finished_trials(study) -> int:
+    """Trials of the study that ran to an end (complete, pruned or failed), in every process."""
+    return sum(
+        t.state.is_finished() and OVER_BUDGET_ATTR not in t.user_attrs
+        for t in study.get_trials(deepcopy=False)
+    )
+
+
 def tell(study, trial, value: float | None = None, state=None) -> None:
     """``study.tell`` that survives the grid sampler's end of grid.
 
@@ -260,7 +268,7 @@ class RetinaOptunaSweeper(Sweeper):
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         parent = self._parent(study_name, spec, space)
         n_trials = int(self.opts.n_trials)
-        progress = Progress(n_trials, name=f"optuna:{study_name}")
+        progress = Progress(n_trials, name=f"optuna:{study_name}", done=finished_trials(study))
         returns = []
         job_idx = 0
         status = "FINISHED"
@@ -308,7 +316,8 @@ class RetinaOptunaSweeper(Sweeper):
                 for trial, result in zip(trials, results, strict=True):
                     state_name = self._tell(study, trial, result, PRUNED_ATTR)
                     value = study.trials[trial.number].value
-                    progress.update(f"trial {trial.number}", value, state_name)
+                    done = finished_trials(study)  # all processes on the study
+                    progress.update(f"trial {trial.number}", value, state_name, done=done)
                 returns.append(list(results))
         except KeyboardInterrupt:
             status = "KILLED"
