@@ -14,9 +14,10 @@ The study lives in `storage`: by default an Optuna journal file next to the swee
 any database URL (PostgreSQL for several machines). Sweeps given the same `study_name` and storage
 share the study: each asks for new trials until the study holds `n_trials` trials in total, so
 they split the budget and never run a trial twice; each trial's random draws are seeded from
-(`seed`, trial number), so processes running the same command do not sample the same points. Two processes can both see one free slot and
-both ask; a trial numbered past the budget is then told FAIL with the user attribute
-`over_budget` and never run (Optuna cannot delete a trial), so exactly `n_trials` trials train.
+(`seed`, trial number), so processes running the same command do not sample the same points.
+Two processes can both see one free slot and both ask; a trial numbered past the budget is then
+told FAIL with the user attribute `over_budget` and never run (Optuna cannot delete a trial), so
+exactly `n_trials` trials train.
 """
 
 from __future__ import annotations
