@@ -380,13 +380,11 @@ def run_checks(spec: TableSpec, df: pd.DataFrame, others: dict[str, Table] | Non
                         rest = have.drop(sel.index)
                         other = rest.loc[[rest["AP"].idxmin()]]  # the runner-up from below
                         margin = float(other["AP"].iloc[0]) - value
-                        spread = _spread(pd.concat([sel, other]))
-                        ok = margin > 0
                     else:
                         other = _best(have)
                         margin = value - float(other["AP"].iloc[0])
-                        spread = _spread(pd.concat([sel, other]))
-                        ok = margin >= -max(1.0, 2 * spread)
+                    spread = _spread(pd.concat([sel, other]))
+                    ok = margin > 0 if kind == "lowest" else margin >= -max(1.0, 2 * spread)
                     res.update(_verdict(ok, margin, spread))
             elif kind == "best_below":
                 a = have[_match(have, check["rows"])]
