@@ -295,7 +295,7 @@ class Progress:
 
     ``done`` counts trials finished before this process started; processes that share the work
     (several sweeps on one Optuna study) pass the shared count to `update`, so k/N and the ETA
-    describe the whole study at this process's pace.
+    describe the whole study, at its pace since this process started.
     """
 
     def __init__(self, total: int, *, name: str | None = None, echo=print, done: int = 0) -> None:
