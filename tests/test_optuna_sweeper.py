@@ -13,7 +13,7 @@ import pytest
 from helpers import compose_config
 from mlflow.tracking import MlflowClient
 
-from hydra_plugins.retina_sweep_optuna.optuna_sweeper import RetinaOptunaSweeper
+from hydra_plugins.retina_sweep_optuna.optuna_sweeper import RetinaOptunaSweeper, iterations_spent
 from retina_sweep.optuna_pruning import make_storage
 from retina_sweep.train import run
 
@@ -51,6 +51,8 @@ def study(tmp_path: Path, name: str = "standin") -> optuna.Study:
         ({"sampler": "bayes"}, "sampler"),
         ({"pruner": "asha"}, "pruner"),
         ({"direction": "up"}, "direction"),
+        ({"compute_budget": 0.5}, "compute_budget"),
+        ({"compute_budget": "lots"}, "compute_budget"),
     ],
 )
 def test_unknown_names_are_clear_errors(kwargs: dict, key: str) -> None:
@@ -74,6 +76,74 @@ def test_sampler_args_reach_the_sampler() -> None:
 
     tpe = build_sampler("tpe", 0, {}, {"n_startup_trials": 3})
     assert tpe._n_startup_trials == 3
+
+
+def test_iterations_spent_counts_pruned_steps_and_holds_running_trials() -> None:
+    s = optuna.create_study(direction="maximize")
+    done = s.ask()
+    s.tell(done, 1.0)  # 400
+    pruned = s.ask()
+    pruned.set_user_attr("pruned_at", 100)
+    s.tell(pruned, state=optuna.trial.TrialState.PRUNED)  # 100
+    failed = s.ask()
+    s.tell(failed, state=optuna.trial.TrialState.FAIL)  # 400: it may have trained to the end
+    s.ask()  # running: holds 400
+    stopping = s.ask()
+    stopping.set_user_attr("pruned_at", 200)  # pruned by its job, not yet told: 200
+    never = s.ask()
+    never.set_user_attr("over_budget", True)
+    s.tell(never, state=optuna.trial.TrialState.FAIL)  # never ran: 0
+    assert iterations_spent(s, 400) == 400 + 100 + 400 + 400 + 200
+    assert iterations_spent(s, 400, below=2) == 500
+
+
+def test_a_compute_budget_stops_the_study_before_it_is_exceeded(tmp_path: Path) -> None:
+    # 12 iterations = 2.4 trials of 5: the third would need 15.
+    proc = standin(tmp_path, "hydra.sweeper.n_trials=10", "hydra.sweeper.compute_budget=2.4")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert len(study(tmp_path).trials) == 2
+    assert "compute budget: 10 of 12 iterations" in out
+
+
+def test_pruning_buys_more_trials_under_a_compute_budget(tmp_path: Path) -> None:
+    # 17 iterations: two full trials (10), two built-to-be-bad ones pruned at step 1 (2), and a
+    # fifth full one (17); without pruning the budget holds three trials.
+    proc = standin(
+        tmp_path,
+        "hydra.sweeper.n_trials=10",
+        "hydra.sweeper.compute_budget=3.4",
+        "hydra.sweeper.sampler=random",
+        "hydra.sweeper.pruner=median",
+        "+hydra.sweeper.pruner_args.n_startup_trials=2",
+        "bad_trials=[2,3]",
+    )
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    s = study(tmp_path)
+    P, C = optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.COMPLETE
+    assert [t.state for t in s.trials] == [C, C, P, P, C]
+    assert iterations_spent(s, 5) == 17
+
+
+def test_two_processes_never_exceed_a_shared_compute_budget(tmp_path: Path) -> None:
+    procs = [
+        standin(
+            tmp_path,
+            "hydra.sweeper.n_trials=20",
+            "hydra.sweeper.compute_budget=4",
+            "hydra.sweeper.sampler=random",
+        )
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    s = study(tmp_path)
+    ran = [int(x) for x in (tmp_path / "trials.log").read_text().split()]
+    kept = [t.number for t in s.trials if "over_budget" not in t.user_attrs]
+    # Without pruning nothing frees budget, so exactly 4 trials of 5 iterations, each once.
+    assert sorted(ran) == kept and len(kept) == 4
+    assert iterations_spent(s, 5) == 20
 
 
 def test_tpe_sweep_completes_and_finds_the_optimum_region(tmp_path: Path) -> None:

@@ -160,6 +160,10 @@ def test_hpo_preset_is_an_optuna_study_with_pruning() -> None:
         "model.anchors.scales_per_octave",
     }
     assert cfg.train.eval_every > 0  # the pruner needs periodic values
+    # The budget is 40 % of the gamma grid's compute (its cells x a full trial each).
+    gamma = compose_config(["+sweep=gamma"], hydra=True)
+    cells = len(gamma.sweep.grid["loss.gamma"]) * len(gamma.sweep.grid["loss.alpha"])
+    assert sweeper.compute_budget == pytest.approx(0.4 * cells)
 
 
 @pytest.mark.parametrize(("overrides", "folder"), [([], "multirun"), (["+sweep=gamma"], "gamma")])

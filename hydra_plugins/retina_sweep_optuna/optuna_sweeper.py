@@ -18,6 +18,12 @@ they split the budget and never run a trial twice; each trial's random draws are
 Two processes can both see one free slot and both ask; a trial numbered past the budget is then
 told FAIL with the user attribute `over_budget` and never run (Optuna cannot delete a trial), so
 exactly `n_trials` trials train.
+
+`compute_budget` (optional) caps the study's training compute instead of, or as well as, its trial
+count: in full trials' worth of `train.iterations`. A pruned trial costs the iterations it trained
+(its `pruned_at` step), a finished or failed one the full count, and a running one holds the full
+count until it ends. A trial starts only if it fits beside everything spent or held, so the
+study never trains more than the budget, and what pruning saves buys more trials.
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ class RetinaOptunaSweeperConf:
     direction: str = "maximize"
     metric: str = "AP"
     n_trials: int = 20
+    compute_budget: Any = None  # full trials' worth of train.iterations (e.g. 8.4); null = none
     n_jobs: int = 1
     study_name: Any = None  # default: the sweep's name
     storage: Any = None  # default: journal file under <paths.root>/<sweep name>/
@@ -131,6 +138,24 @@ def finished_trials(study) -> int:
     )
 
 
+def iterations_spent(study, full: int, *, below: int | None = None) -> int:
+    """Training iterations the study's trials used or hold (of trials numbered < ``below``).
+
+    A pruned trial costs its ``pruned_at`` step (also while it is still RUNNING, between the job
+    stopping and the sweeper's tell); a complete or failed trial costs ``full``; a running or
+    waiting one holds ``full``, since it may train to the end. Trials marked ``over_budget``
+    never ran and cost nothing.
+    """
+    from retina_sweep.optuna_pruning import PRUNED_ATTR
+
+    total = 0
+    for t in study.get_trials(deepcopy=False):
+        if OVER_BUDGET_ATTR in t.user_attrs or (below is not None and t.number >= below):
+            continue
+        total += int(t.user_attrs.get(PRUNED_ATTR, full))
+    return total
+
+
 def tell(study, trial, value: float | None = None, state=None) -> None:
     """``study.tell`` that survives the grid sampler's end of grid.
 
@@ -198,6 +223,14 @@ class RetinaOptunaSweeper(Sweeper):
             )
         if int(self.opts.n_trials) < 1 or int(self.opts.n_jobs) < 1:
             raise ValueError("hydra.sweeper.n_trials and n_jobs must be >= 1")
+        budget = self.opts.compute_budget
+        if budget is not None and not (
+            isinstance(budget, int | float) and not isinstance(budget, bool) and budget >= 1
+        ):
+            raise ValueError(
+                "hydra.sweeper.compute_budget must be null or a number >= 1 (full trials' worth "
+                f"of train.iterations), got {budget!r}"
+            )
         # Bad constructor arguments fail here, naming the key, before any trial runs.
         try:
             build_pruner(self.opts.pruner, self.opts.pruner_args)
@@ -253,6 +286,7 @@ class RetinaOptunaSweeper(Sweeper):
         from retina_sweep.sweep import Progress, format_value
 
         fixed, space = self._space(arguments)
+        full, max_iterations = self._iteration_budget()
         spec, study_name = self._storage_spec()
         study = optuna.create_study(
             study_name=study_name,
@@ -267,20 +301,31 @@ class RetinaOptunaSweeper(Sweeper):
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
-        parent = self._parent(study_name, spec, space)
         n_trials = int(self.opts.n_trials)
+        parent = self._parent(study_name, spec, space)
         progress = Progress(n_trials, name=f"optuna:{study_name}", done=finished_trials(study))
         returns = []
         job_idx = 0
         status = "FINISHED"
         try:
             while True:
-                taken = len(study.get_trials(deepcopy=False))
+                taken = sum(
+                    OVER_BUDGET_ATTR not in t.user_attrs for t in study.get_trials(deepcopy=False)
+                )
                 batch = min(int(self.opts.n_jobs), n_trials - taken)
                 if batch <= 0:
                     break
                 trials = []
                 for _ in range(batch):
+                    if max_iterations is not None:
+                        held = iterations_spent(study, full)
+                        if held + full > max_iterations:
+                            print(
+                                f"[optuna:{study_name}] compute budget: {held} of "
+                                f"{max_iterations} iterations spent or held by running trials; "
+                                "no new trial fits"
+                            )
+                            break
                     trial = ask_trial(
                         study,
                         space,
@@ -288,8 +333,9 @@ class RetinaOptunaSweeper(Sweeper):
                         seed=int(self.opts.seed),
                         sampler_args=self.opts.sampler_args,
                     )
-                    if trial.number >= n_trials:
-                        # Another process took the last slot between our count and this ask.
+                    if not self._fits(study, trial.number, n_trials, full, max_iterations):
+                        # Another process took the last slot (or the last of the compute
+                        # budget) between our count and this ask: the lower number keeps it.
                         trial.set_user_attr(OVER_BUDGET_ATTR, True)
                         tell(study, trial, state=optuna.trial.TrialState.FAIL)
                         continue
@@ -336,6 +382,34 @@ class RetinaOptunaSweeper(Sweeper):
             )
         return returns
 
+    @staticmethod
+    def _fits(study, number: int, n_trials: int, full: int, max_iterations: int | None) -> bool:
+        """Whether trial ``number`` is within n_trials and the compute budget, counting only the
+        trials numbered before it (so two processes racing for the last place agree)."""
+        before = [
+            t
+            for t in study.get_trials(deepcopy=False)
+            if t.number < number and OVER_BUDGET_ATTR not in t.user_attrs
+        ]
+        if len(before) >= n_trials:
+            return False
+        if max_iterations is None:
+            return True
+        return iterations_spent(study, full, below=number) + full <= max_iterations
+
+    def _iteration_budget(self) -> tuple[int, int | None]:
+        """(train.iterations of a full trial, the study's iteration budget or None)."""
+        full = OmegaConf.select(self.config, "train.iterations", default=None)
+        budget = self.opts.compute_budget
+        if budget is None:
+            return int(full or 0), None
+        if not isinstance(full, int) or full < 1:
+            raise ValueError(
+                "hydra.sweeper.compute_budget counts full trials of train.iterations, but the "
+                f"config's train.iterations is {full!r}"
+            )
+        return full, int(math.floor(float(budget) * full))
+
     def _tell(self, study, trial, result, pruned_attr: str) -> str:
         import optuna
 
@@ -367,6 +441,7 @@ class RetinaOptunaSweeper(Sweeper):
             "sampler": self.opts.sampler,
             "pruner": self.opts.pruner,
             "n_trials": int(self.opts.n_trials),
+            "compute_budget": self.opts.compute_budget,
             "space": {k: repr(v) for k, v in space.items()},
         }
         return ParentRun.open(
