@@ -37,6 +37,7 @@ class Store:
         outcome="completed",
         chash=None,
         extra=None,
+        tags=None,
     ):
         self.t += 1
         tags = {
@@ -45,6 +46,7 @@ class Store:
             "seed": str(seed),
             "outcome": outcome,
             "config_hash": chash or f"{sweep}-{sorted(params.items())}-{seed}",
+            **(tags or {}),
         }
         run = self.mlf.create_run(self.exp, start_time=1_000_000 + self.t, tags=tags)
         metrics = []
@@ -310,3 +312,55 @@ def test_fl_row_of_1d_meets_its_paper_row(tmp_path: Path) -> None:
     fl = rows[rows["method"] == "FL"]
     assert len(fl) == 1
     assert fl["AP"].iloc[0] == pytest.approx(30.0) and fl["paper AP"].iloc[0] == pytest.approx(36.0)
+
+
+def test_an_optuna_study_is_reported_against_its_grid_table(tmp_path: Path) -> None:
+    s = Store(tmp_path)
+    # The grid it competes with (Table 1(b)): 4 cells of 400 iterations; gamma 1 / alpha .5 is
+    # the best row with two seeds (30 and 34 -> 32 +- 2.83).
+    for (gamma, alpha), aps in {
+        (1.0, 0.25): (20.0,),
+        (1.0, 0.5): (30.0, 34.0),
+        (2.0, 0.25): (28.0,),
+        (2.0, 0.5): (25.0,),
+    }.items():
+        for seed, ap in enumerate(aps):
+            p = {"loss.gamma": gamma, "loss.alpha": alpha, "train.iterations": 400}
+            s.run(table="1b", sweep="gamma", params=p, ap=ap, seed=seed)
+
+    def trial(number, alpha, gamma, ap, **kw):
+        p = {"loss.alpha": alpha, "loss.gamma": gamma, "train.iterations": 400}
+        tags = {"optuna_trial": str(number), **kw.pop("tags", {})}
+        s.run(table="hpo", sweep="study_a", params=p, ap=ap, tags=tags, **kw)
+
+    trial(0, 0.3, 3.0, 10.0)
+    trial(1, 0.2, 1.5, 31.0)
+    trial(2, 0.8, 4.0, None, status="KILLED", outcome="pruned", tags={"pruned_at": "100"})
+    trial(3, 0.6, 0.5, None, status="FAILED", outcome="failed")
+    # Trial 1's configuration with another seed, run later by a plain multirun.
+    p = {"loss.alpha": 0.2, "loss.gamma": 1.5, "train.iterations": 400}
+    s.run(table="", sweep="study_a_best", params=p, ap=27.0, seed=1)
+
+    out = tmp_path / "r"
+    report = build_report(tracking_uri=s.uri, table="hpo", out=out)
+    assert report.tables.keys() == {"1b"}  # built for the comparison, not shown
+    (study,) = report.studies
+    assert study.name == "study_a"
+    assert list(study.rows["trial"]) == [0, 1, 2, 3]
+    assert list(study.rows["state"]) == ["ok", "ok", "pruned", "failed"]
+    # pruned: its pruned_at step; failed: the full count, as the sweeper's compute budget.
+    assert list(study.rows["iterations"]) == [400, 400, 100, 400]
+    assert study.iterations == 1300
+    assert study.best["trial"] == 1 and study.best["AP"] == pytest.approx(31.0)
+    assert study.best["seeds_n"] == 2 and study.best["seeds_mean"] == pytest.approx(29.0)
+    ref = study.reference
+    assert ref["row"] == {"gamma": 1.0, "best alpha": 0.5}
+    assert ref["AP"] == pytest.approx(32.0) and ref["n"] == 2
+    assert (ref["cells"], ref["iterations"]) == (4, 1600)
+    md = report.markdown
+    assert "1,300 training iterations" in md and "81.2 %" in md  # 1300 / 1600
+    assert "best trial -1.0 AP" in md and "seed mean -3.0" in md
+    assert (out / "study_study_a.csv").exists() and (out / "study_study_a.md").exists()
+    assert "Optuna studies" in (out / "index.html").read_text()
+    # The grid tables alone do not show studies.
+    assert build_report(tracking_uri=s.uri, table="1b", out=tmp_path / "r2").studies == []

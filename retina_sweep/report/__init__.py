@@ -8,6 +8,7 @@ sweep's MLflow parent run, and returns the Markdown text and the paths written.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from .core import (
     runs_of_table,
     tables_of,
 )
+from .studies import Study, build_study, load_study_specs, study_markdown, study_runs
 
 __all__ = ["build_report", "Report"]
 
@@ -38,6 +40,7 @@ class Report:
     tables: dict[str, Table]
     files: list[Path] = field(default_factory=list)
     index: Path | None = None
+    studies: list[Study] = field(default_factory=list)
 
 
 def build_report(
@@ -53,15 +56,16 @@ def build_report(
     """Build the report (see module docstring). `table`/`sweep` narrow it; `out` is its folder."""
     from ..tracking import resolve_uri
     from . import figures
-    from .render import to_markdown, write_index, write_table
+    from .render import to_markdown, write_index, write_study, write_table
 
     bad = sorted(set(formats) - set(FORMATS))
     if bad:
         raise ValueError(f"format must be a subset of {','.join(FORMATS)}, got {bad}")
     uri = resolve_uri(tracking_uri)
     specs = load_specs()
-    if table is not None and table not in specs:
-        raise ValueError(f"table must be one of {', '.join(specs)}, got {table!r}")
+    study_specs = load_study_specs()
+    if table is not None and table not in specs and table not in study_specs:
+        raise ValueError(f"table must be one of {', '.join([*specs, *study_specs])}, got {table!r}")
     paper = load_paper()
     # A table's cells may have been trained by another sweep (shared config hash), so tables are
     # built from every run of the experiment, selected by table; `sweep` narrows what is shown.
@@ -72,7 +76,7 @@ def build_report(
         all_runs = every_run[in_sweep].reset_index(drop=True)
 
     if table is not None:
-        wanted = [table]
+        wanted = [table] if table in specs else []
     elif sweep is not None:
         wanted = [tid for tid, s in specs.items() if s.sweep == sweep]
         if not all_runs.empty and "tags.table" in all_runs:
@@ -86,15 +90,36 @@ def build_report(
     needed = set(wanted) | {
         c["other"] for tid in wanted for c in specs[tid].checks if c.get("other")
     }
+    studies_in = study_runs(all_runs)
+    if table is not None:
+        studies_in = {n: r for n, r in studies_in.items() if table in set(r["tags.table"].dropna())}
+    study_tags = {n: str(r["tags.table"].dropna().iloc[0]) for n, r in studies_in.items()}
+    # A study is compared with a grid table (tables.yaml `studies:`), which it needs built.
+    compare = {n: study_specs.get(tag, {}).get("compare") for n, tag in study_tags.items()}
+    needed |= {c for c in compare.values() if c in specs}
     tables: dict[str, Table] = {}
+    table_runs: dict[str, pd.DataFrame] = {}
     for tid in [t for t in specs if t in needed]:
         runs = every_run
         if not runs.empty and "tags.table" in runs:
             runs = runs[runs_of_table(runs, tid)]
         else:
             runs = pd.DataFrame()
+        table_runs[tid] = runs
         tables[tid] = build_table(specs[tid], runs, paper)
     resolve_cross_checks(tables)
+    studies = [
+        build_study(
+            n,
+            r,
+            table=study_tags[n],
+            every_run=every_run,
+            space=_study_space(uri, experiment, n),
+            reference=tables.get(compare[n]) if compare[n] else None,
+            reference_runs=table_runs.get(compare[n]) if compare[n] else None,
+        )
+        for n, r in studies_in.items()
+    ]
 
     name = sweep or table or "all"
     out_dir = Path(out) if out is not None else Path("reports") / name
@@ -102,17 +127,19 @@ def build_report(
     shown = [tables[t] for t in wanted]
     for t in shown:
         files += write_table(t, out_dir, list(formats))
+    for st in studies:
+        files += write_study(st, out_dir, list(formats))
     figs = _figures(shown, paper, out_dir / "figures", figures)
     figs += _figure4(all_runs, uri, out_dir / "figures", figures)
     files += figs
     index = None
     if "html" in formats:
-        index = write_index(out_dir, shown, figs, f"retina_sweep report: {name}")
+        index = write_index(out_dir, shown, figs, f"retina_sweep report: {name}", studies=studies)
         files.append(index)
-    markdown = "\n".join(to_markdown(t) for t in shown)
+    markdown = "\n".join([*(to_markdown(t) for t in shown), *(study_markdown(s) for s in studies)])
     if log_to_parent and sweep is not None:
         _log_to_parent(uri, experiment, sweep, out_dir)
-    return Report(markdown, out_dir, tables, files, index)
+    return Report(markdown, out_dir, tables, files, index, studies)
 
 
 def _figures(tables: list[Table], paper: pd.DataFrame, fig_dir: Path, figures) -> list[Path]:
@@ -143,6 +170,30 @@ def _figures(tables: list[Table], paper: pd.DataFrame, fig_dir: Path, figures) -
         elif t.spec.id == "1e" and "ms_per_image" in rows:
             out += figures.speed_accuracy(fig_dir / "speed_accuracy", rows, p)
     return out
+
+
+def _study_space(uri: str, experiment: str, study: str) -> list[str] | None:
+    """The searched keys recorded by the study's Optuna parent run (`sweep/definition.json`)."""
+    from ..tracking import client
+
+    try:
+        mlf = client(uri)
+        exp = mlf.get_experiment_by_name(experiment)
+        parents = mlf.search_runs(
+            [exp.experiment_id],
+            filter_string=(
+                f"tags.is_parent = 'true' AND tags.sweep = '{study}' AND tags.sweeper = 'optuna'"
+            ),
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        if not parents:
+            return None
+        local = mlf.download_artifacts(parents[0].info.run_id, "sweep/definition.json")
+        return list(json.loads(Path(local).read_text()).get("space", {}))
+    except Exception as exc:  # the study still shows, with the varying params instead
+        log.info("study %s: no recorded search space (%s)", study, exc)
+        return None
 
 
 def _log_to_parent(uri: str, experiment: str, sweep: str, out_dir: Path) -> None:

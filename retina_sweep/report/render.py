@@ -220,7 +220,32 @@ def write_table(table: Table, out_dir: Path, formats: list[str]) -> list[Path]:
     return written
 
 
-def write_index(out_dir: Path, tables: list[Table], figures: list[Path], title: str) -> Path:
+def write_study(study, out_dir: Path, formats: list[str]) -> list[Path]:
+    """`study_<name>.md/.csv/.html` for an Optuna study (see report/studies.py)."""
+    from .studies import study_html, study_markdown
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"study_{study.name}"
+    written = []
+    if "md" in formats:
+        written.append(out_dir / f"{stem}.md")
+        written[-1].write_text(study_markdown(study))
+    if "csv" in formats:
+        written.append(out_dir / f"{stem}.csv")
+        study.rows.to_csv(written[-1], index=False)
+    if "html" in formats:
+        written.append(out_dir / f"{stem}.html")
+        written[-1].write_text(_page(f"study {study.name}", study_html(study)))
+    return written
+
+
+def write_index(
+    out_dir: Path,
+    tables: list[Table],
+    figures: list[Path],
+    title: str,
+    studies: list | None = None,
+) -> Path:
     parts = [f"<h1>{html.escape(title)}</h1>"]
     parts.append(
         "<p>Rebuilt from tracked MLflow runs by <code>python -m retina_sweep.report</code>; "
@@ -233,6 +258,11 @@ def write_index(out_dir: Path, tables: list[Table], figures: list[Path], title: 
             f"<p>Files: <a href='{link}'>html</a> · <a href='table_{t.spec.id}.md'>md</a> · "
             f"<a href='table_{t.spec.id}.tex'>tex</a> · <a href='table_{t.spec.id}.csv'>csv</a></p>"
         )
+    if studies:
+        from .studies import study_html
+
+        parts.append("<h2>Optuna studies</h2>")
+        parts += [study_html(s) for s in studies]
     if figures:
         parts.append("<h2>Figures</h2>")
         for f in figures:

@@ -1,0 +1,271 @@
+"""Optuna studies in the report: what each trial searched, how it ended and what it cost, and the
+study's best trial against the best row of the grid table it competes with, compute included.
+
+A study is the set of child runs of an Optuna sweep (`tags.optuna_trial` set), one study per
+`tags.sweep`; `tables.yaml`'s `studies:` entry for its table tag names the grid table to compare
+with (the `hpo` preset competes with Table 1(b), the `gamma` grid). Compute is counted in training
+iterations, as the sweeper's `compute_budget` counts it: a pruned trial costs its `pruned_at`
+step, any other trial its `train.iterations`. The grid's compute is its cells (seed 0 of each)
+times their iterations.
+
+The best trial of a study is a maximum over noisy trials, so it is biased upwards like a grid's
+best single-seed cell; runs of the same configuration with other seeds (from any sweep, e.g. a
+grid multirun over `seed=1,2` with the trial's parameters) are shown beside it as mean ± std.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+
+from .core import OK, Table, TableSpec, _key_value, _norm, _parse, latest_per_config, run_state
+
+__all__ = [
+    "Study",
+    "load_study_specs",
+    "study_runs",
+    "build_study",
+    "study_markdown",
+    "study_html",
+    "grid_compute",
+]
+
+TRIAL_TAG = "tags.optuna_trial"
+
+
+@dataclass
+class Study:
+    name: str
+    table: str  # the study's table tag (its `studies:` entry)
+    params: list[str]  # searched parameters, in the study's order
+    rows: pd.DataFrame  # trial, <params>, state, AP, iterations, seed
+    iterations: int
+    best: dict[str, Any] | None  # trial, AP, params, seeds (mean, std, n) of its configuration
+    reference: dict[str, Any] | None  # the compared grid table: best row, its AP, compute
+
+
+def load_study_specs() -> dict[str, dict[str, Any]]:
+    """`tables.yaml`'s `studies:` entries: study table tag -> {compare: grid table id}."""
+    from importlib import resources
+
+    import yaml
+
+    text = resources.files("retina_sweep.report").joinpath("tables.yaml").read_text()
+    return {str(k): dict(v or {}) for k, v in (yaml.safe_load(text).get("studies") or {}).items()}
+
+
+def study_runs(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Child runs of Optuna sweeps (`optuna_trial` tag), by study (`tags.sweep`)."""
+    if runs.empty or TRIAL_TAG not in runs:
+        return {}
+    trials = runs[runs[TRIAL_TAG].notna() & (runs[TRIAL_TAG].astype(str) != "")]
+    return {str(name): group for name, group in trials.groupby("tags.sweep", sort=True)}
+
+
+def _iterations(row: pd.Series) -> int:
+    pruned = _parse(row.get("tags.pruned_at"))
+    if row.get("state") == "pruned" and pruned is not None:
+        return int(pruned)
+    full = _parse(row.get("params.train.iterations"))
+    return int(full) if full is not None else 0
+
+
+def _searched(runs: pd.DataFrame, space: list[str] | None) -> list[str]:
+    """The study's searched keys: its recorded space, else the model/loss/data/train params that
+    vary among its trials."""
+    if space:
+        return [k for k in space if f"params.{k}" in runs]
+    varying = []
+    for col in runs.columns:
+        if not col.startswith("params.") or col.split(".")[1] not in ("model", "loss", "data"):
+            continue
+        if runs[col].nunique(dropna=False) > 1:
+            varying.append(col[len("params.") :])
+    return varying
+
+
+def grid_compute(spec: TableSpec, runs: pd.DataFrame) -> tuple[int, int]:
+    """(cells, iterations) of a grid table at one seed: its distinct cells (row keys and
+    best-over keys) among `runs`, and the sum of their `train.iterations`."""
+    if runs.empty:
+        return 0, 0
+    runs = latest_per_config(runs)
+    cells: dict[tuple, int] = {}
+    for _, r in runs.iterrows():
+        key = tuple(_norm(_key_value(k, r)) for k in spec.keys + spec.best_over)
+        full = _parse(r.get("params.train.iterations"))
+        cells.setdefault(key, int(full) if full is not None else 0)
+    return len(cells), sum(cells.values())
+
+
+def _same_config(every: pd.DataFrame, trial: pd.Series, params: list[str]) -> pd.DataFrame:
+    """Finished runs anywhere in the experiment with the trial's searched values and iterations
+    (other seeds of its configuration), latest per seed."""
+    if every.empty:
+        return every
+    mask = pd.Series(True, index=every.index)
+    for key in [*params, "train.iterations"]:
+        col = f"params.{key}"
+        if col not in every:
+            return every.iloc[0:0]
+        want = _norm(_parse(trial.get(col)))
+        mask &= every[col].map(lambda v, want=want: _norm(_parse(v)) == want)
+    same = latest_per_config(every[mask])
+    if same.empty:
+        return same
+    same = same[same["state"] == OK]
+    seed_col = "tags.seed" if "tags.seed" in same else "params.seed"
+    return same.sort_values("start_time").groupby(seed_col).tail(1)
+
+
+def build_study(
+    name: str,
+    runs: pd.DataFrame,
+    *,
+    table: str,
+    every_run: pd.DataFrame,
+    space: list[str] | None = None,
+    reference: Table | None = None,
+    reference_runs: pd.DataFrame | None = None,
+    metric: str = "AP",
+) -> Study:
+    """One study of the report from its trial runs (see the module docstring)."""
+    runs = runs.copy()
+    runs["_trial"] = runs[TRIAL_TAG].map(lambda v: int(float(v)))
+    # A trial number is one job; keep its latest run if it was ever relaunched.
+    runs = runs.sort_values("start_time").groupby("_trial").tail(1).sort_values("_trial")
+    runs["state"] = runs.apply(run_state, axis=1)
+    params = _searched(runs, space)
+    records = []
+    for _, r in runs.iterrows():
+        rec: dict[str, Any] = {"trial": int(r["_trial"])}
+        for key in params:
+            rec[key.rsplit(".", 1)[-1]] = _parse(r.get(f"params.{key}"))
+        rec["state"] = r["state"]
+        value = r.get(f"metrics.{metric}")
+        rec[metric] = float(value) if r["state"] == OK and pd.notna(value) else math.nan
+        rec["iterations"] = _iterations(r)
+        records.append(rec)
+    rows = pd.DataFrame(records)
+    iterations = int(rows["iterations"].sum()) if not rows.empty else 0
+
+    best = None
+    done = rows[rows[metric].notna()] if not rows.empty else rows
+    if not done.empty:
+        top = done.loc[done[metric].idxmax()]
+        trial_run = runs[runs["_trial"] == top["trial"]].iloc[0]
+        seeds = _same_config(every_run, trial_run, params)
+        values = seeds[f"metrics.{metric}"].astype(float) if not seeds.empty else pd.Series([])
+        best = {
+            "trial": int(top["trial"]),
+            metric: float(top[metric]),
+            "params": {k: _parse(trial_run.get(f"params.{k}")) for k in params},
+            "seeds_mean": float(values.mean()) if len(values) else math.nan,
+            "seeds_std": float(values.std(ddof=1)) if len(values) > 1 else math.nan,
+            "seeds_n": int(len(values)),
+        }
+
+    ref = None
+    if reference is not None and not reference.rows.empty and metric in reference.rows:
+        ok = reference.rows[reference.rows[metric].notna()]
+        if not ok.empty:
+            top = ok.loc[ok[metric].idxmax()]
+            names = reference.spec.key_names + [b["name"] for b in reference.spec.best_over]
+            cells, grid_iters = grid_compute(
+                reference.spec, reference_runs if reference_runs is not None else pd.DataFrame()
+            )
+            ref = {
+                "table": reference.spec.id,
+                "title": reference.spec.title,
+                "row": {n: top.get(n) for n in names if n in top},
+                metric: float(top[metric]),
+                "std": float(top.get(f"{metric} std", math.nan)),
+                "n": int(top.get("n", 0)),
+                "cells": cells,
+                "iterations": grid_iters,
+            }
+    return Study(name, table, params, rows, iterations, best, ref)
+
+
+def _f(v: Any, digits: int = 1) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}" if not v.is_integer() or digits == 1 else f"{v:.0f}"
+    return str(v)
+
+
+def _pm(mean: float, std: float, n: int) -> str:
+    if n > 1 and not math.isnan(std):
+        return f"{mean:.1f} ± {std:.1f} ({n} seeds)"
+    return f"{mean:.1f} (1 seed)"
+
+
+def study_markdown(study: Study, metric: str = "AP") -> str:
+    """The study as a Markdown section: its trials, then the summary lines."""
+    out = [f"### Optuna study `{study.name}` (table tag `{study.table}`)", ""]
+    if study.rows.empty:
+        return "\n".join([*out, "_No trials yet._", ""])
+    cols = list(study.rows.columns)
+    out.append("| " + " | ".join(cols) + " |")
+    out.append("|" + "|".join("---" for _ in cols) + "|")
+    for row in study.rows.itertuples(index=False):
+        cells = []
+        for col, v in zip(cols, row, strict=True):
+            cells.append(_f(v, 1 if col == metric else 3) if isinstance(v, float) else _f(v))
+        out.append("| " + " | ".join(cells) + " |")
+    out.append("")
+    states = study.rows["state"].value_counts()
+    out.append(
+        f"- {len(study.rows)} trials ("
+        + ", ".join(f"{n} {s}" for s, n in states.items())
+        + f"), **{study.iterations:,} training iterations** (a pruned trial counts the iterations "
+        "it trained, any other its full train.iterations)"
+    )
+    if study.best is not None:
+        b = study.best
+        shown = ", ".join(f"{k.rsplit('.', 1)[-1]} {_f(v, 3)}" for k, v in b["params"].items())
+        line = f"- best trial {b['trial']}: **{metric} {b[metric]:.1f}** ({shown})"
+        if b["seeds_n"] > 1:
+            line += f"; this configuration over seeds: {_pm(b['seeds_mean'], b['seeds_std'], b['seeds_n'])}"
+        out.append(line)
+    ref = study.reference
+    if ref is not None and study.best is not None:
+        row = ", ".join(f"{k} {_f(v, 2)}" for k, v in ref["row"].items())
+        out.append(
+            f"- Table {ref['table']}'s best row ({row}): {metric} {_pm(ref[metric], ref['std'], ref['n'])}; "
+            f"best trial {study.best[metric] - ref[metric]:+.1f} {metric}"
+            + (
+                f", its configuration's seed mean {study.best['seeds_mean'] - ref[metric]:+.1f}"
+                if study.best["seeds_n"] > 1
+                else ""
+            )
+        )
+        if ref["iterations"]:
+            share = 100.0 * study.iterations / ref["iterations"]
+            out.append(
+                f"- compute: {study.iterations:,} iterations = **{share:.1f} %** of Table "
+                f"{ref['table']}'s grid ({ref['cells']} cells at one seed, "
+                f"{ref['iterations']:,} iterations)"
+            )
+    out.append("")
+    return "\n".join(out)
+
+
+def study_html(study: Study, metric: str = "AP") -> str:
+    """The study as an HTML fragment (its trial table and summary lines)."""
+    import html
+
+    md = study_markdown(study, metric).splitlines()
+    title = md[0].removeprefix("### ").replace("`", "")
+    bullets = [html.escape(line[2:]).replace("**", "") for line in md if line.startswith("- ")]
+    table = (
+        ""
+        if study.rows.empty
+        else study.rows.to_html(index=False, na_rep="—", float_format=lambda v: f"{v:.3g}")
+    )
+    items = "".join(f"<li>{b}</li>" for b in bullets)
+    return f"<h3>{html.escape(title)}</h3>{table}<ul>{items}</ul>"
