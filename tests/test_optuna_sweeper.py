@@ -95,6 +95,7 @@ def test_iterations_spent_counts_pruned_steps_and_holds_running_trials() -> None
     s.tell(never, state=optuna.trial.TrialState.FAIL)  # never ran: 0
     assert iterations_spent(s, 400) == 400 + 100 + 400 + 400 + 200
     assert iterations_spent(s, 400, below=2) == 500
+    assert iterations_spent(s, 400, finished_only=True) == 400 + 100 + 400
 
 
 def test_a_compute_budget_stops_the_study_before_it_is_exceeded(tmp_path: Path) -> None:
@@ -104,6 +105,7 @@ def test_a_compute_budget_stops_the_study_before_it_is_exceeded(tmp_path: Path) 
     assert proc.returncode == 0, out
     assert len(study(tmp_path).trials) == 2
     assert "compute budget: 10 of 12 iterations" in out
+    assert "[optuna:standin iterations 10/12] trial 1" in out  # progress in iterations
 
 
 def test_pruning_buys_more_trials_under_a_compute_budget(tmp_path: Path) -> None:

@@ -138,8 +138,11 @@ def finished_trials(study) -> int:
     )
 
 
-def iterations_spent(study, full: int, *, below: int | None = None) -> int:
-    """Training iterations the study's trials used or hold (of trials numbered < ``below``).
+def iterations_spent(
+    study, full: int, *, below: int | None = None, finished_only: bool = False
+) -> int:
+    """Training iterations the study's trials used or hold (of trials numbered < ``below``;
+    with ``finished_only``, of the trials that ended).
 
     A pruned trial costs its ``pruned_at`` step (also while it is still RUNNING, between the job
     stopping and the sweeper's tell); a complete or failed trial costs ``full``; a running or
@@ -151,6 +154,8 @@ def iterations_spent(study, full: int, *, below: int | None = None) -> int:
     total = 0
     for t in study.get_trials(deepcopy=False):
         if OVER_BUDGET_ATTR in t.user_attrs or (below is not None and t.number >= below):
+            continue
+        if finished_only and not t.state.is_finished():
             continue
         total += int(t.user_attrs.get(PRUNED_ATTR, full))
     return total
@@ -303,7 +308,15 @@ class RetinaOptunaSweeper(Sweeper):
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         n_trials = int(self.opts.n_trials)
         parent = self._parent(study_name, spec, space)
-        progress = Progress(n_trials, name=f"optuna:{study_name}", done=finished_trials(study))
+        if max_iterations is None:
+            progress = Progress(n_trials, name=f"optuna:{study_name}", done=finished_trials(study))
+        else:
+            # With a compute budget the study's end is counted in iterations, not trials.
+            progress = Progress(
+                max_iterations,
+                name=f"optuna:{study_name} iterations",
+                done=iterations_spent(study, full, finished_only=True),
+            )
         returns = []
         job_idx = 0
         status = "FINISHED"
@@ -363,7 +376,11 @@ class RetinaOptunaSweeper(Sweeper):
                 for trial, result in zip(trials, results, strict=True):
                     state_name = self._tell(study, trial, result, PRUNED_ATTR)
                     value = study.trials[trial.number].value
-                    done = finished_trials(study)  # all processes on the study
+                    # all processes on the study
+                    if max_iterations is None:
+                        done = finished_trials(study)
+                    else:
+                        done = iterations_spent(study, full, finished_only=True)
                     progress.update(f"trial {trial.number}", value, state_name, done=done)
                 returns.append(list(results))
         except KeyboardInterrupt:
