@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from helpers import compose_config
 from hydra.utils import instantiate
 
@@ -54,3 +55,22 @@ def test_proxy_dataset_and_config_are_deterministic(tmp_path: Path) -> None:
     ib, tb = b.val[3]
     assert (ia == ib).all() and (ta["boxes"] == tb["boxes"]).all()
     assert config_hash(_proxy(tmp_path)) == config_hash(_proxy(tmp_path / "other"))
+
+
+def test_more_aspect_ratios_cover_more_of_the_proxys_objects(tmp_path: Path) -> None:
+    # The proxy's objects span 1:3..3:1: with square anchors only, many have no anchor at IoU
+    # >= 0.5 (a 3:1 box over a same-area square has IoU 0.41) and rely on low-quality matches.
+    stats = {}
+    for ratios in ("[1.0]", "[0.5,1.0,2.0]"):
+        cfg = _proxy(tmp_path, f"model.anchors.aspect_ratios={ratios}")
+        data = build_datasets(cfg.data, max_level=int(cfg.model.fpn.max_level))
+        model = instantiate(cfg.model, strategy=instantiate(cfg.loss), _convert_="all").eval()
+        stats[ratios] = anchor_statistics(model, data.train, num_images=40)
+    one, three = stats["[1.0]"], stats["[0.5,1.0,2.0]"]
+    for s in (one, three):
+        assert 0 < s["mean_best_iou"] <= 1
+        assert s["foreground_per_object"] * s["objects_per_image"] == pytest.approx(
+            s["foreground_per_image"]
+        )
+    assert three["objects_below_fg_iou_fraction"] < one["objects_below_fg_iou_fraction"]
+    assert three["mean_best_iou"] > one["mean_best_iou"]
