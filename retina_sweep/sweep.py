@@ -296,20 +296,30 @@ class Progress:
     ``done`` counts trials finished before this process started; processes that share the work
     (several sweeps on one Optuna study) pass the shared count to `update`, so k/N and the ETA
     describe the whole study, at its pace since this process started.
+
+    ``batch`` is the number of trials launched together and reported together when the slowest
+    of them ends (the grid sweeper's `n_jobs` batches): the ETA then counts batches, so the first
+    line of a batch of 2 does not predict twice the sweep's real time.
     """
 
-    def __init__(self, total: int, *, name: str | None = None, echo=print, done: int = 0) -> None:
+    def __init__(
+        self, total: int, *, name: str | None = None, echo=print, done: int = 0, batch: int = 1
+    ) -> None:
+        if batch < 1:
+            raise ValueError(f"batch must be >= 1, got {batch}")
         self.total = total
         self.done = self.base = done
         self.start = time.perf_counter()
         self.name = name or "sweep"
         self.echo = echo
+        self.batch = batch
 
     def update(self, label: str, value: float | None, status: str, done: int | None = None) -> str:
         self.done = self.done + 1 if done is None else done
         elapsed = time.perf_counter() - self.start
         ran = max(self.done - self.base, 1)
-        eta = elapsed / ran * max(self.total - self.done, 0)
+        left = max(self.total - self.done, 0)
+        eta = elapsed / math.ceil(ran / self.batch) * math.ceil(left / self.batch)
         ap = "n/a" if value is None or math.isnan(value) else f"{value:.2f}"
         line = (
             f"[{self.name} {self.done}/{self.total}] {label}: {status} AP={ap} | "

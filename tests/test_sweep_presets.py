@@ -189,3 +189,21 @@ def test_progress_line_counts_the_trials_of_every_process_sharing_a_study(monkey
     # Without a shared count it counts its own trials.
     progress.update("trial 8", None, "PRUNED")
     assert lines[-1].startswith("[s 7/10] trial 8: PRUNED AP=n/a | elapsed 1:30 | ETA 1:30")
+
+
+def test_progress_eta_counts_batches_of_trials_that_finish_together(monkeypatch) -> None:
+    from retina_sweep import sweep
+
+    # Two trials at a time, reported together after 6 minutes: 19 left is 10 more batches.
+    clock = iter([0.0, 360.0, 360.0, 720.0])
+    monkeypatch.setattr(sweep.time, "perf_counter", lambda: next(clock))
+    lines: list[str] = []
+    progress = sweep.Progress(21, name="g", echo=lines.append, batch=2)
+    progress.update("a", 1.0, "done")
+    assert lines[-1].endswith("elapsed 6:00 | ETA 1:00:00")  # 20 left: 10 batches (not 2:00:00)
+    progress.update("b", 2.0, "done")
+    assert lines[-1].endswith("elapsed 6:00 | ETA 1:00:00")  # 19 left: still 10 batches
+    progress.update("c", 3.0, "done")
+    assert lines[-1].endswith("elapsed 12:00 | ETA 54:00")  # 2 batches in 12 min, 9 left
+    with pytest.raises(ValueError, match="batch"):
+        sweep.Progress(3, batch=0)

@@ -170,9 +170,9 @@ class RetinaGridSweeper(Sweeper):
             for c in todo:
                 c.extra.append(f"tracking.parent_run_id={parent.run_id}")
 
-        progress = Progress(len(todo), name=name)
-        returns: list[list[JobReturn]] = []
         batch_size = self._batch_size()
+        progress = Progress(len(todo), name=name, batch=batch_size)
+        returns: list[list[JobReturn]] = []
         status = "FINISHED"
         try:
             for start in range(0, len(todo), batch_size):
