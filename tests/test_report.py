@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from mlflow.entities import Metric, Param
@@ -362,5 +363,26 @@ def test_an_optuna_study_is_reported_against_its_grid_table(tmp_path: Path) -> N
     assert "best trial -1.0 AP" in md and "seed mean -3.0" in md
     assert (out / "study_study_a.csv").exists() and (out / "study_study_a.md").exists()
     assert "Optuna studies" in (out / "index.html").read_text()
+    # A second study on the same budget without pruning, side by side with the first.
+    s.run(
+        table="hpo",
+        sweep="study_b",
+        params={"loss.alpha": 0.4, "loss.gamma": 2.0, "train.iterations": 400},
+        ap=33.5,
+        tags={"optuna_trial": "0"},
+    )
+    both = build_report(tracking_uri=s.uri, table="hpo", out=tmp_path / "r3")
+    rows = pd.read_csv(tmp_path / "r3" / "studies.csv").set_index("study")
+    assert list(rows.index) == ["study_a", "study_b"]
+    assert rows.loc["study_a", ["trials", "completed", "pruned", "iterations"]].tolist() == [
+        4,
+        2,
+        1,
+        1300,
+    ]
+    assert rows.loc["study_b", "% of grid"] == pytest.approx(25.0)  # 400 / 1600
+    assert rows.loc["study_b", "vs grid best"] == pytest.approx(1.5)  # 33.5 - 32.0
+    assert "| study_b | 1 | 1 | 0 | 400 | 25.0 | 33.5 | 0 | 32.0 | +1.5 |" in both.markdown
+    assert "<td>study_b</td>" in (tmp_path / "r3" / "index.html").read_text()
     # The grid tables alone do not show studies.
     assert build_report(tracking_uri=s.uri, table="1b", out=tmp_path / "r2").studies == []

@@ -25,7 +25,15 @@ from .core import (
     runs_of_table,
     tables_of,
 )
-from .studies import Study, build_study, load_study_specs, study_markdown, study_runs
+from .studies import (
+    Study,
+    build_study,
+    load_study_specs,
+    studies_summary,
+    study_markdown,
+    study_runs,
+    summary_markdown,
+)
 
 __all__ = ["build_report", "Report"]
 
@@ -129,6 +137,15 @@ def build_report(
         files += write_table(t, out_dir, list(formats))
     for st in studies:
         files += write_study(st, out_dir, list(formats))
+    summary = studies_summary(studies)
+    if not summary.empty:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if "md" in formats:
+            files.append(out_dir / "studies.md")
+            files[-1].write_text(summary_markdown(summary))
+        if "csv" in formats:
+            files.append(out_dir / "studies.csv")
+            summary.to_csv(files[-1], index=False)
     figs = _figures(shown, paper, out_dir / "figures", figures)
     figs += _figure4(all_runs, uri, out_dir / "figures", figures)
     files += figs
@@ -136,7 +153,13 @@ def build_report(
     if "html" in formats:
         index = write_index(out_dir, shown, figs, f"retina_sweep report: {name}", studies=studies)
         files.append(index)
-    markdown = "\n".join([*(to_markdown(t) for t in shown), *(study_markdown(s) for s in studies)])
+    markdown = "\n".join(
+        [
+            *(to_markdown(t) for t in shown),
+            *([summary_markdown(summary)] if len(studies) > 1 else []),
+            *(study_markdown(s) for s in studies),
+        ]
+    )
     if log_to_parent and sweep is not None:
         _log_to_parent(uri, experiment, sweep, out_dir)
     return Report(markdown, out_dir, tables, files, index, studies)

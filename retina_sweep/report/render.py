@@ -259,9 +259,15 @@ def write_index(
             f"<a href='table_{t.spec.id}.tex'>tex</a> · <a href='table_{t.spec.id}.csv'>csv</a></p>"
         )
     if studies:
-        from .studies import study_html
+        from .studies import studies_summary, study_html
 
         parts.append("<h2>Optuna studies</h2>")
+        if len(studies) > 1:
+            parts.append(
+                studies_summary(studies).to_html(
+                    index=False, na_rep="—", float_format=lambda v: f"{v:.1f}", border=0
+                )
+            )
         parts += [study_html(s) for s in studies]
     if figures:
         parts.append("<h2>Figures</h2>")

@@ -31,6 +31,8 @@ __all__ = [
     "study_markdown",
     "study_html",
     "grid_compute",
+    "studies_summary",
+    "summary_markdown",
 ]
 
 TRIAL_TAG = "tags.optuna_trial"
@@ -253,6 +255,52 @@ def study_markdown(study: Study, metric: str = "AP") -> str:
             )
     out.append("")
     return "\n".join(out)
+
+
+def studies_summary(studies: list[Study], metric: str = "AP") -> pd.DataFrame:
+    """One row per study, side by side (e.g. the same budget with and without pruning): trials by
+    state, iterations spent and their share of the compared grid's, the best trial and its gap
+    to the grid's best row."""
+    records = []
+    for st in studies:
+        states = st.rows["state"].value_counts() if not st.rows.empty else pd.Series(dtype=int)
+        ref, best = st.reference, st.best
+        grid_iters = ref["iterations"] if ref else 0
+        records.append(
+            {
+                "study": st.name,
+                "trials": len(st.rows),
+                "completed": int(states.get(OK, 0)),
+                "pruned": int(states.get("pruned", 0)),
+                "iterations": st.iterations,
+                "% of grid": 100.0 * st.iterations / grid_iters if grid_iters else math.nan,
+                f"best {metric}": best[metric] if best else math.nan,
+                "best trial": best["trial"] if best else None,
+                f"grid best {metric}": ref[metric] if ref else math.nan,
+                "vs grid best": best[metric] - ref[metric] if best and ref else math.nan,
+            }
+        )
+    return pd.DataFrame.from_records(records)
+
+
+def summary_markdown(summary: pd.DataFrame) -> str:
+    """`studies_summary` as a Markdown table."""
+    if summary.empty:
+        return ""
+    cols = list(summary.columns)
+    out = ["### Optuna studies side by side", "", "| " + " | ".join(cols) + " |"]
+    out.append("|" + "|".join("---" for _ in cols) + "|")
+    for row in summary.itertuples(index=False):
+        cells = []
+        for col, v in zip(cols, row, strict=True):
+            if col == "iterations":
+                cells.append(f"{int(v):,}")
+            elif col == "vs grid best":
+                cells.append("—" if pd.isna(v) else f"{v:+.1f}")
+            else:
+                cells.append(_f(v) if isinstance(v, float) else _f(v))
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join([*out, ""])
 
 
 def study_html(study: Study, metric: str = "AP") -> str:
