@@ -151,7 +151,14 @@ def build_report(
     files += figs
     index = None
     if "html" in formats:
-        index = write_index(out_dir, shown, figs, f"retina_sweep report: {name}", studies=studies)
+        index = write_index(
+            out_dir,
+            shown,
+            figs,
+            f"retina_sweep report: {name}",
+            studies=studies,
+            study_summary=summary,
+        )
         files.append(index)
     markdown = "\n".join(
         [

@@ -245,6 +245,7 @@ def write_index(
     figures: list[Path],
     title: str,
     studies: list | None = None,
+    study_summary: pd.DataFrame | None = None,
 ) -> Path:
     parts = [f"<h1>{html.escape(title)}</h1>"]
     parts.append(
@@ -259,12 +260,12 @@ def write_index(
             f"<a href='table_{t.spec.id}.tex'>tex</a> · <a href='table_{t.spec.id}.csv'>csv</a></p>"
         )
     if studies:
-        from .studies import studies_summary, study_html
+        from .studies import study_html
 
         parts.append("<h2>Optuna studies</h2>")
-        if len(studies) > 1:
+        if len(studies) > 1 and study_summary is not None:
             parts.append(
-                studies_summary(studies).to_html(
+                study_summary.to_html(
                     index=False, na_rep="—", float_format=lambda v: f"{v:.1f}", border=0
                 )
             )

@@ -298,7 +298,7 @@ def summary_markdown(summary: pd.DataFrame) -> str:
             elif col == "vs grid best":
                 cells.append("—" if pd.isna(v) else f"{v:+.1f}")
             else:
-                cells.append(_f(v) if isinstance(v, float) else _f(v))
+                cells.append(_f(v))
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join([*out, ""])
 
