@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -364,6 +365,12 @@ def test_optuna_sweep_of_real_trials_matches_mlflow(tmp_path: Path) -> None:
         assert by_trial[t.number].data.metrics["AP"] == pytest.approx(t.value)
     best = max(kids, key=lambda k: k.data.metrics["AP"])
     assert s.best_value == pytest.approx(best.data.metrics["AP"])
+    # The parent records the study's definition as plain JSON (the report shows it).
+    local = mlf.download_artifacts(parent[0].info.run_id, "sweep/definition.json", str(tmp_path))
+    definition = json.loads(Path(local).read_text())
+    assert list(definition["space"]) == ["loss.gamma"]
+    assert (definition["sampler"], definition["seed"], definition["pruner"]) == ("tpe", 0, "none")
+    assert definition["sampler_args"] == {} and definition["pruner_args"] == {}
 
 
 def _postgres_bin() -> Path | None:

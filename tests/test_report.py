@@ -371,6 +371,21 @@ def test_an_optuna_study_is_reported_against_its_grid_table(tmp_path: Path) -> N
         ap=33.5,
         tags={"optuna_trial": "0"},
     )
+    # study_b's parent run recorded its definition (as the Optuna sweeper does): the report shows
+    # its sampler and pruner.
+    parent = s.mlf.create_run(
+        s.exp, tags={"is_parent": "true", "sweep": "study_b", "sweeper": "optuna", "table": "hpo"}
+    )
+    definition = {
+        "space": {"loss.alpha": "interval(0.1, 0.9)", "loss.gamma": "interval(0.0, 5.0)"},
+        "sampler": "tpe",
+        "seed": 0,
+        "sampler_args": {"n_startup_trials": 4},
+        "pruner": "none",
+        "pruner_args": {"min_resource": 100},
+        "compute_budget": 8.4,
+    }
+    s.mlf.log_dict(parent.info.run_id, definition, "sweep/definition.json")
     both = build_report(tracking_uri=s.uri, table="hpo", out=tmp_path / "r3")
     rows = pd.read_csv(tmp_path / "r3" / "studies.csv").set_index("study")
     assert list(rows.index) == ["study_a", "study_b"]
@@ -382,7 +397,40 @@ def test_an_optuna_study_is_reported_against_its_grid_table(tmp_path: Path) -> N
     ]
     assert rows.loc["study_b", "% of grid"] == pytest.approx(25.0)  # 400 / 1600
     assert rows.loc["study_b", "vs grid best"] == pytest.approx(1.5)  # 33.5 - 32.0
-    assert "| study_b | 1 | 1 | 0 | 400 | 25.0 | 33.5 | 0 | 32.0 | +1.5 |" in both.markdown
+    assert "| study_b | tpe | none | 1 | 1 | 0 | 400 | 25.0 | 33.5 | 0 | 32.0 | +1.5 |" in (
+        both.markdown
+    )
+    assert "| study_a | — | — | 4 | 2 | 1 | 1,300 |" in both.markdown
+    assert rows.loc["study_b", "best trial"] == 0 and rows.loc["study_a", "best trial"] == 1
+    # pruner_args are not shown for pruner none (a preset's args stay when the command line
+    # turns pruning off)
+    assert (
+        "- sampler tpe (seed 0, n_startup_trials 4), pruner none, compute budget 8.4 trials"
+        in both.markdown
+    )
     assert "<td>study_b</td>" in (tmp_path / "r3" / "index.html").read_text()
+    # A study without its grid in the store says why it has no comparison; a study without a
+    # finished trial leaves its best trial empty (and the others' stay integers).
+    s2 = Store(tmp_path / "lone")
+    s2.run(
+        table="hpo",
+        sweep="lone",
+        params={"loss.alpha": 0.4, "loss.gamma": 2.0, "train.iterations": 400},
+        ap=None,
+        status="FAILED",
+        outcome="failed",
+        tags={"optuna_trial": "0"},
+    )
+    s2.run(
+        table="hpo",
+        sweep="other",
+        params={"loss.alpha": 0.4, "loss.gamma": 2.0, "train.iterations": 400},
+        ap=20.0,
+        tags={"optuna_trial": "3"},
+    )
+    lone = build_report(tracking_uri=s2.uri, table="hpo", out=tmp_path / "r4")
+    assert "no finished runs of Table 1b's grid in this store" in lone.markdown
+    assert "| lone | — | — | 1 | 0 | 0 | 400 | — | — | — | — | — |" in lone.markdown
+    assert "| other | — | — | 1 | 1 | 0 | 400 | — | 20.0 | 3 | — | — |" in lone.markdown
     # The grid tables alone do not show studies.
     assert build_report(tracking_uri=s.uri, table="1b", out=tmp_path / "r2").studies == []

@@ -209,6 +209,13 @@ def to_distribution(override) -> Any:
     raise ValueError(f"{override.input_line}: not a sweep (choice, range or interval)")
 
 
+def _plain(args: Any) -> dict[str, Any]:
+    """A config mapping as plain JSON-able Python (for the parent run's definition)."""
+    if isinstance(args, DictConfig):
+        return dict(OmegaConf.to_container(args, resolve=True))
+    return dict(args or {})
+
+
 class RetinaOptunaSweeper(Sweeper):
     def __init__(self, **kwargs: Any) -> None:
         self.opts = RetinaOptunaSweeperConf(**kwargs)
@@ -456,7 +463,10 @@ class RetinaOptunaSweeper(Sweeper):
             "study_name": study_name,
             "storage": spec,
             "sampler": self.opts.sampler,
+            "seed": self.opts.seed,
+            "sampler_args": _plain(self.opts.sampler_args),
             "pruner": self.opts.pruner,
+            "pruner_args": _plain(self.opts.pruner_args),
             "n_trials": int(self.opts.n_trials),
             "compute_budget": self.opts.compute_budget,
             "space": {k: repr(v) for k, v in space.items()},

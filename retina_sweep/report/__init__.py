@@ -12,6 +12,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -116,15 +117,18 @@ def build_report(
         table_runs[tid] = runs
         tables[tid] = build_table(specs[tid], runs, paper)
     resolve_cross_checks(tables)
+    definitions = {n: _study_definition(uri, experiment, n) for n in studies_in}
     studies = [
         build_study(
             n,
             r,
             table=study_tags[n],
             every_run=every_run,
-            space=_study_space(uri, experiment, n),
+            space=list(definitions[n]["space"]) if "space" in definitions[n] else None,
             reference=tables.get(compare[n]) if compare[n] else None,
             reference_runs=table_runs.get(compare[n]) if compare[n] else None,
+            setup={k: v for k, v in definitions[n].items() if k != "space"},
+            compare=compare[n],
         )
         for n, r in studies_in.items()
     ]
@@ -202,8 +206,9 @@ def _figures(tables: list[Table], paper: pd.DataFrame, fig_dir: Path, figures) -
     return out
 
 
-def _study_space(uri: str, experiment: str, study: str) -> list[str] | None:
-    """The searched keys recorded by the study's Optuna parent run (`sweep/definition.json`)."""
+def _study_definition(uri: str, experiment: str, study: str) -> dict[str, Any]:
+    """The definition recorded by the study's latest Optuna parent run (`sweep/definition.json`:
+    searched space, sampler, pruner, budget); empty if there is none."""
     from ..tracking import client
 
     try:
@@ -218,12 +223,12 @@ def _study_space(uri: str, experiment: str, study: str) -> list[str] | None:
             max_results=1,
         )
         if not parents:
-            return None
+            return {}
         local = mlf.download_artifacts(parents[0].info.run_id, "sweep/definition.json")
-        return list(json.loads(Path(local).read_text()).get("space", {}))
+        return dict(json.loads(Path(local).read_text()))
     except Exception as exc:  # the study still shows, with the varying params instead
-        log.info("study %s: no recorded search space (%s)", study, exc)
-        return None
+        log.info("study %s: no recorded definition (%s)", study, exc)
+        return {}
 
 
 def _log_to_parent(uri: str, experiment: str, sweep: str, out_dir: Path) -> None:

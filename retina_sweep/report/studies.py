@@ -16,7 +16,7 @@ grid multirun over `seed=1,2` with the trial's parameters) are shown beside it a
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
@@ -33,6 +33,7 @@ __all__ = [
     "grid_compute",
     "studies_summary",
     "summary_markdown",
+    "setup_text",
 ]
 
 TRIAL_TAG = "tags.optuna_trial"
@@ -47,6 +48,10 @@ class Study:
     iterations: int
     best: dict[str, Any] | None  # trial, AP, params, seeds (mean, std, n) of its configuration
     reference: dict[str, Any] | None  # the compared grid table: best row, its AP, compute
+    # From the study's parent run (`sweep/definition.json`): sampler, pruner, pruner_args,
+    # compute_budget, ...; empty when the parent recorded none.
+    setup: dict[str, Any] = field(default_factory=dict)
+    compare: str | None = None  # the grid table id it competes with (tables.yaml `studies:`)
 
 
 def load_study_specs() -> dict[str, dict[str, Any]]:
@@ -133,6 +138,8 @@ def build_study(
     reference: Table | None = None,
     reference_runs: pd.DataFrame | None = None,
     metric: str = "AP",
+    setup: dict[str, Any] | None = None,
+    compare: str | None = None,
 ) -> Study:
     """One study of the report from its trial runs (see the module docstring)."""
     runs = runs.copy()
@@ -189,7 +196,27 @@ def build_study(
                 "cells": cells,
                 "iterations": grid_iters,
             }
-    return Study(name, table, params, rows, iterations, best, ref)
+    return Study(name, table, params, rows, iterations, best, ref, dict(setup or {}), compare)
+
+
+def setup_text(setup: dict[str, Any]) -> str:
+    """``sampler tpe (seed 0, n_startup_trials 4), pruner hyperband (min_resource 100, ...),
+    compute budget 8.4 trials`` from a study's recorded definition."""
+
+    def args(d: Any) -> str:
+        return f" ({', '.join(f'{k} {v}' for k, v in d.items())})" if d else ""
+
+    parts = []
+    if "sampler" in setup:
+        sargs = {**({"seed": setup["seed"]} if setup.get("seed") is not None else {})}
+        sargs.update(setup.get("sampler_args") or {})
+        parts.append(f"sampler {setup['sampler']}{args(sargs)}")
+    if "pruner" in setup:
+        pargs = setup.get("pruner_args") if setup["pruner"] != "none" else None
+        parts.append(f"pruner {setup['pruner']}{args(pargs)}")
+    if setup.get("compute_budget") is not None:
+        parts.append(f"compute budget {setup['compute_budget']} trials")
+    return ", ".join(parts)
 
 
 def _f(v: Any, digits: int = 1) -> str:
@@ -220,6 +247,8 @@ def study_markdown(study: Study, metric: str = "AP") -> str:
             cells.append(_f(v, 1 if col == metric else 3) if isinstance(v, float) else _f(v))
         out.append("| " + " | ".join(cells) + " |")
     out.append("")
+    if study.setup:
+        out.append(f"- {setup_text(study.setup)}")
     states = study.rows["state"].value_counts()
     out.append(
         f"- {len(study.rows)} trials ("
@@ -253,6 +282,11 @@ def study_markdown(study: Study, metric: str = "AP") -> str:
                 f"{ref['table']}'s grid ({ref['cells']} cells at one seed, "
                 f"{ref['iterations']:,} iterations)"
             )
+    elif ref is None and study.compare is not None:
+        out.append(
+            f"- no finished runs of Table {study.compare}'s grid in this store, so no comparison "
+            "with it (run its sweep into the same MLflow store, e.g. `+sweep=gamma` for 1b)"
+        )
     out.append("")
     return "\n".join(out)
 
@@ -269,6 +303,8 @@ def studies_summary(studies: list[Study], metric: str = "AP") -> pd.DataFrame:
         records.append(
             {
                 "study": st.name,
+                "sampler": st.setup.get("sampler"),
+                "pruner": st.setup.get("pruner"),
                 "trials": len(st.rows),
                 "completed": int(states.get(OK, 0)),
                 "pruned": int(states.get("pruned", 0)),
@@ -280,7 +316,9 @@ def studies_summary(studies: list[Study], metric: str = "AP") -> pd.DataFrame:
                 "vs grid best": best[metric] - ref[metric] if best and ref else math.nan,
             }
         )
-    return pd.DataFrame.from_records(records)
+    frame = pd.DataFrame.from_records(records)
+    # Integers stay integers beside studies without a best trial (no 6.0 in the CSV).
+    return frame.astype({"best trial": "Int64"}) if not frame.empty else frame
 
 
 def summary_markdown(summary: pd.DataFrame) -> str:
@@ -295,6 +333,8 @@ def summary_markdown(summary: pd.DataFrame) -> str:
         for col, v in zip(cols, row, strict=True):
             if col == "iterations":
                 cells.append(f"{int(v):,}")
+            elif col == "best trial":
+                cells.append("—" if pd.isna(v) else str(int(v)))
             elif col == "vs grid best":
                 cells.append("—" if pd.isna(v) else f"{v:+.1f}")
             else:
