@@ -72,6 +72,28 @@ def test_turning_pruning_off_keeps_a_presets_pruner_args() -> None:
     RetinaOptunaSweeper(pruner="none", pruner_args={"min_resource": 100, "max_resource": 400})
 
 
+def test_pruner_args_keyed_by_pruner_name_follow_the_chosen_pruner() -> None:
+    from hydra_plugins.retina_sweep_optuna.optuna_sweeper import build_pruner
+
+    keyed = {
+        "hyperband": {"min_resource": 100, "max_resource": 400, "reduction_factor": 2},
+        "median": {"n_startup_trials": 2, "n_warmup_steps": 0},
+    }
+    median = RetinaOptunaSweeper(pruner="median", pruner_args=keyed)
+    assert median.pruner_args == {"n_startup_trials": 2, "n_warmup_steps": 0}
+    assert build_pruner("median", median.pruner_args)._n_startup_trials == 2
+    hb = RetinaOptunaSweeper(pruner="hyperband", pruner_args=keyed)
+    assert build_pruner("hyperband", hb.pruner_args)._max_resource == 400
+    # A pruner the mapping does not name gets Optuna's defaults; flat arguments stay flat.
+    assert RetinaOptunaSweeper(pruner="successive_halving", pruner_args=keyed).pruner_args == {}
+    assert RetinaOptunaSweeper(pruner="none", pruner_args=keyed).pruner_args == {}
+    flat = RetinaOptunaSweeper(pruner="median", pruner_args={"n_startup_trials": 3})
+    assert flat.pruner_args == {"n_startup_trials": 3}
+    # Mixed keys are flat, so the pruner rejects the stray one by name.
+    with pytest.raises(ValueError, match=r"hydra\.sweeper\.pruner_args: .*hyperband"):
+        RetinaOptunaSweeper(pruner="median", pruner_args={"hyperband": {}, "n_startup_trials": 2})
+
+
 def test_sampler_args_reach_the_sampler() -> None:
     from hydra_plugins.retina_sweep_optuna.optuna_sweeper import build_sampler
 

@@ -192,6 +192,20 @@ def build_pruner(name: str, args: dict[str, Any]):
     return makers[name](**dict(args or {}))
 
 
+def pruner_arguments(name: str, args: Any) -> dict[str, Any]:
+    """The constructor arguments of pruner ``name`` from ``hydra.sweeper.pruner_args``.
+
+    Either flat (``{min_resource: 100, max_resource: 400}``, for the configured pruner) or keyed
+    by pruner name (``{hyperband: {...}, median: {...}}``), so that a preset can carry tuned
+    arguments for several pruners and ``hydra.sweeper.pruner=NAME`` alone switches among them
+    (a pruner missing from the mapping gets Optuna's defaults). Keys that mix the two forms are
+    taken as flat, and the pruner's constructor rejects them with the key named."""
+    flat = _plain(args)
+    if flat and all(k in PRUNERS for k in flat):
+        return _plain(flat.get(name))
+    return flat
+
+
 def to_distribution(override) -> Any:
     """A Hydra sweep override -> an Optuna distribution."""
     import optuna.distributions as d
@@ -244,8 +258,9 @@ class RetinaOptunaSweeper(Sweeper):
                 f"of train.iterations), got {budget!r}"
             )
         # Bad constructor arguments fail here, naming the key, before any trial runs.
+        self.pruner_args = pruner_arguments(self.opts.pruner, self.opts.pruner_args)
         try:
-            build_pruner(self.opts.pruner, self.opts.pruner_args)
+            build_pruner(self.opts.pruner, self.pruner_args)
         except TypeError as exc:
             raise ValueError(f"hydra.sweeper.pruner_args: {exc}") from exc
         if self.opts.sampler != "grid":  # a grid sampler needs the search space
@@ -306,7 +321,7 @@ class RetinaOptunaSweeper(Sweeper):
             sampler=build_sampler(
                 self.opts.sampler, int(self.opts.seed), space, self.opts.sampler_args
             ),
-            pruner=build_pruner(self.opts.pruner, self.opts.pruner_args),
+            pruner=build_pruner(self.opts.pruner, self.pruner_args),
             direction=self.opts.direction,
             load_if_exists=True,
         )
@@ -371,7 +386,7 @@ class RetinaOptunaSweeper(Sweeper):
                         f"storage:{format_value(spec)},study_name:{format_value(study_name)},"
                         f"trial_number:{trial.number},metric:{self.opts.metric},"
                         f"pruner:{self.opts.pruner},"
-                        f"pruner_args:{format_value(dict(self.opts.pruner_args or {}))}}}"
+                        f"pruner_args:{format_value(self.pruner_args)}}}"
                     )
                     extra = [pruning, f"+extra_tags.optuna_trial={trial.number}"]
                     extra.append(f"sweep.cell={format_value(label)}")
@@ -466,7 +481,7 @@ class RetinaOptunaSweeper(Sweeper):
             "seed": self.opts.seed,
             "sampler_args": _plain(self.opts.sampler_args),
             "pruner": self.opts.pruner,
-            "pruner_args": _plain(self.opts.pruner_args),
+            "pruner_args": self.pruner_args,
             "n_trials": int(self.opts.n_trials),
             "compute_budget": self.opts.compute_budget,
             "space": {k: repr(v) for k, v in space.items()},
