@@ -192,6 +192,13 @@ def build_pruner(name: str, args: dict[str, Any]):
     return makers[name](**dict(args or {}))
 
 
+def _plain(args: Any) -> dict[str, Any]:
+    """A config mapping (DictConfig, dict or None) as plain, JSON-able Python."""
+    if isinstance(args, DictConfig):
+        return dict(OmegaConf.to_container(args, resolve=True))
+    return dict(args or {})
+
+
 def pruner_arguments(name: str, args: Any) -> dict[str, Any]:
     """The constructor arguments of pruner ``name`` from ``hydra.sweeper.pruner_args``.
 
@@ -221,13 +228,6 @@ def to_distribution(override) -> Any:
             return d.IntDistribution(int(value.start), int(value.end), log=log_scale)
         return d.FloatDistribution(float(value.start), float(value.end), log=log_scale)
     raise ValueError(f"{override.input_line}: not a sweep (choice, range or interval)")
-
-
-def _plain(args: Any) -> dict[str, Any]:
-    """A config mapping as plain JSON-able Python (for the parent run's definition)."""
-    if isinstance(args, DictConfig):
-        return dict(OmegaConf.to_container(args, resolve=True))
-    return dict(args or {})
 
 
 class RetinaOptunaSweeper(Sweeper):

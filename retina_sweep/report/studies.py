@@ -208,8 +208,8 @@ def setup_text(setup: dict[str, Any]) -> str:
 
     parts = []
     if "sampler" in setup:
-        sargs = {**({"seed": setup["seed"]} if setup.get("seed") is not None else {})}
-        sargs.update(setup.get("sampler_args") or {})
+        seed = {"seed": setup["seed"]} if setup.get("seed") is not None else {}
+        sargs = {**seed, **(setup.get("sampler_args") or {})}
         parts.append(f"sampler {setup['sampler']}{args(sargs)}")
     if "pruner" in setup:
         pargs = setup.get("pruner_args") if setup["pruner"] != "none" else None
