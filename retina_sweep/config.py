@@ -16,7 +16,7 @@ import hashlib
 import json
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -98,6 +98,18 @@ RULES: list[Rule] = [
     Rule("model.backbone.depth", _one_of(10, 18, 34, 50, 101), "one of 10, 18, 34, 50, 101"),
     Rule("model.backbone.freeze_at", _int(0, 5), "an integer in 0..5"),
     Rule("model.backbone.norm", _one_of("frozen_bn", "bn", "gn"), "one of frozen_bn, bn, gn"),
+    Rule("model.backbone.synthetic_pretrain.steps", _int(1), "an integer >= 1", True),
+    Rule("model.backbone.synthetic_pretrain.batch_size", _int(2), "an integer >= 2", True),
+    Rule("model.backbone.synthetic_pretrain.crop", _int(16), "an integer >= 16 (px)", True),
+    Rule("model.backbone.synthetic_pretrain.lr", _num(0, lo_open=True), "a number > 0", True),
+    Rule("model.backbone.synthetic_pretrain.weight_decay", _num(0), "a number >= 0", True),
+    Rule(
+        "model.backbone.synthetic_pretrain.background_fraction",
+        _num(0, 1, hi_open=True),
+        "a number in [0, 1)",
+        True,
+    ),
+    Rule("model.backbone.synthetic_pretrain.seed", _int(0), "an integer >= 0", True),
     Rule("model.fpn.channels", _int(1), "an integer >= 1"),
     Rule("model.fpn.min_level", _int(2, 7), "an integer in 2..7"),
     Rule("model.fpn.max_level", _int(2, 7), "an integer in 2..7"),
@@ -198,6 +210,14 @@ def validate(cfg: DictConfig, rules: Iterable[Rule] = RULES) -> None:
                 raise ConfigError(f"missing config key {key}: the focal loss needs it")
     elif _get(cfg, "loss.batch_size") in (None, _MISSING):
         raise ConfigError(f"missing config key loss.batch_size: the {name} strategy needs it")
+    recipe = _get(cfg, "model.backbone.synthetic_pretrain")
+    if isinstance(recipe, dict):
+        from .pretrain import recipe_from
+
+        try:
+            recipe_from(recipe)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     if (
         _get(cfg, "model.backbone.pretrained") == "synthetic"
         and _get(cfg, "data.kind") != "synthetic"
@@ -236,6 +256,19 @@ def identity_dict(cfg: DictConfig) -> dict[str, Any]:
         if isinstance(value, DictConfig | ListConfig):
             value = OmegaConf.to_container(value, resolve=True)
         out[section] = value
+    backbone = (out.get("model") or {}).get("backbone")
+    if isinstance(backbone, dict):
+        if backbone.get("pretrained") == "synthetic":
+            # The full recipe, defaults filled in, with the pretraining code's version: the
+            # cached weights (and so the trial) change with any of them.
+            from .pretrain import PRETRAIN_VERSION, recipe_from
+
+            backbone["synthetic_pretrain"] = {
+                **asdict(recipe_from(backbone.get("synthetic_pretrain"))),
+                "version": PRETRAIN_VERSION,
+            }
+        else:
+            backbone.pop("synthetic_pretrain", None)
     for dotted in HASH_EXCLUDE:
         node = out
         *parents, leaf = dotted.split(".")

@@ -21,8 +21,8 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +32,18 @@ from torch.nn import functional as F
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PretrainRecipe", "synthetic_pretrained_backbone", "PRETRAIN_VERSION"]
+__all__ = ["PretrainRecipe", "recipe_from", "synthetic_pretrained_backbone", "PRETRAIN_VERSION"]
 
 PRETRAIN_VERSION = "2"
 
 
 @dataclass(frozen=True)
 class PretrainRecipe:
+    """How the proxy's backbone is pretrained: `steps` SGD steps (one-cycle schedule peaking at
+    `lr`) on batches of `batch_size` crops of `crop` x `crop` px, `background_fraction` of them
+    background. Set from the config as `model.backbone.synthetic_pretrain` (see `recipe_from`).
+    """
+
     steps: int = 400
     batch_size: int = 128
     crop: int = 48
@@ -46,6 +51,23 @@ class PretrainRecipe:
     weight_decay: float = 1e-4
     background_fraction: float = 0.25
     seed: int = 0
+
+
+def recipe_from(values: Mapping[str, Any] | None) -> PretrainRecipe:
+    """The recipe of `model.backbone.synthetic_pretrain`; missing keys take the defaults.
+
+    Raises ValueError naming an unknown key (a typo would otherwise silently pretrain with the
+    default and cache the result under the default's key).
+    """
+    values = dict(values or {})
+    known = {f.name for f in fields(PretrainRecipe)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(
+            f"unknown key model.backbone.synthetic_pretrain.{unknown[0]}: expected one of "
+            + ", ".join(sorted(known))
+        )
+    return PretrainRecipe(**values)
 
 
 def _key(depth: int, norm: str, dataset_key: str, recipe: PretrainRecipe) -> str:
@@ -199,6 +221,9 @@ def _pretrain(out: Path, depth: int, norm: str, splits: Any, recipe: PretrainRec
     )
     net.train()
     correct = seen = 0
+    # A long recipe takes minutes on a laptop CPU: say where it is about ten times on the way.
+    report_every = max(1, recipe.steps // 10)
+    t_loop = time.perf_counter()
     for step in range(recipe.steps):
         x, y = _sample_batch(images, boxes, labels, num_classes, recipe, g)
         logits = net(x)
@@ -210,6 +235,17 @@ def _pretrain(out: Path, depth: int, norm: str, splits: Any, recipe: PretrainRec
         if step >= recipe.steps - 50:
             correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
+        if (step + 1) % report_every == 0 and step + 1 < recipe.steps:
+            elapsed = time.perf_counter() - t_loop
+            log.info(
+                "pretraining the proxy backbone (once per dataset and recipe): step %d/%d, "
+                "loss %.3f, %.0f s elapsed, about %.0f s left",
+                step + 1,
+                recipe.steps,
+                float(loss.detach()),
+                elapsed,
+                elapsed / (step + 1) * (recipe.steps - step - 1),
+            )
     state = {k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     torch.save(state, tmp)

@@ -17,10 +17,14 @@ TINY = dict(num_train=12, num_val=4, image_size=[64, 128], seed=3)
 RECIPE = PretrainRecipe(steps=3, batch_size=8, crop=32)
 
 
-def test_pretrained_backbone_is_cached_and_loads(tmp_path: Path, monkeypatch) -> None:
-    path = synthetic_pretrained_backbone(
-        depth=10, norm="bn", synthetic=TINY, cache_dir=tmp_path, recipe=RECIPE
-    )
+def test_pretrained_backbone_is_cached_and_loads(tmp_path: Path, monkeypatch, caplog) -> None:
+    with caplog.at_level("INFO", logger="retina_sweep.pretrain"):
+        path = synthetic_pretrained_backbone(
+            depth=10, norm="bn", synthetic=TINY, cache_dir=tmp_path, recipe=RECIPE
+        )
+    # Progress on the way (a long recipe takes minutes), then the summary line.
+    assert "step 1/3" in caplog.text and "step 2/3" in caplog.text
+    assert "pretrained ResNet-10 on 24 synthetic crops" in caplog.text
     assert path.exists() and path.parent == tmp_path / "pretrained"
     state = torch.load(path, weights_only=True)
     assert not any(k.startswith("fc.") for k in state)
@@ -95,3 +99,43 @@ def test_parallel_trials_on_a_cold_cache_pretrain_once(tmp_path: Path) -> None:
     assert all(p.returncode == 0 for p in procs)
     assert results[0][0] == results[1][0]
     assert sorted(n for _, n in results) == [0, 1]
+
+
+def test_recipe_comes_from_the_config_and_is_part_of_the_identity(monkeypatch) -> None:
+    from retina_sweep import train
+    from retina_sweep.config import config_hash
+
+    # The proxy default composes the recipe node; the trial asks for exactly that recipe.
+    cfg = compose_config(["model.backbone.synthetic_pretrain.steps=1600"])
+    validate(cfg)
+    seen = {}
+    monkeypatch.setattr(
+        pretrain,
+        "synthetic_pretrained_backbone",
+        lambda **kw: seen.update(kw) or Path("/nowhere.pt"),
+    )
+    train.synthetic_backbone(cfg)
+    assert seen["recipe"] == PretrainRecipe(steps=1600)
+    assert seen["depth"] == 10 and seen["norm"] == "bn"
+
+    # Another recipe is another experiment for a synthetic-pretrained trial ...
+    base = config_hash(compose_config())
+    assert config_hash(cfg) != base
+    assert config_hash(compose_config(["model.backbone.synthetic_pretrain.lr=0.05"])) != base
+    # ... spelling out a default is not ...
+    assert config_hash(compose_config(["model.backbone.synthetic_pretrain.steps=400"])) == base
+    # ... and the recipe is no part of a trial that does not use it (paper scale, smoke).
+    for scale in ("paper", "smoke"):
+        plain = config_hash(compose_config([f"scale={scale}"]))
+        changed = compose_config([f"scale={scale}", "model.backbone.synthetic_pretrain.steps=9"])
+        assert config_hash(changed) == plain, scale
+
+
+def test_a_bad_recipe_is_a_config_error_naming_the_key() -> None:
+    with pytest.raises(ConfigError, match=r"model\.backbone\.synthetic_pretrain\.steps=0"):
+        validate(compose_config(["model.backbone.synthetic_pretrain.steps=0"]))
+    with pytest.raises(ConfigError, match=r"unknown key model\.backbone\.synthetic_pretrain\.step"):
+        validate(compose_config(["+model.backbone.synthetic_pretrain.step=1600"]))
+    with pytest.raises(ValueError, match=r"synthetic_pretrain\.crops: expected one of .*crop"):
+        pretrain.recipe_from({"crops": 32})
+    assert pretrain.recipe_from(None) == PretrainRecipe()
