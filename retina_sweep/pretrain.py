@@ -44,7 +44,7 @@ class PretrainRecipe:
     background. Set from the config as `model.backbone.synthetic_pretrain` (see `recipe_from`).
     """
 
-    steps: int = 400
+    steps: int = 1600
     batch_size: int = 128
     crop: int = 48
     lr: float = 0.1

@@ -106,7 +106,7 @@ def test_recipe_comes_from_the_config_and_is_part_of_the_identity(monkeypatch) -
     from retina_sweep.config import config_hash
 
     # The proxy default composes the recipe node; the trial asks for exactly that recipe.
-    cfg = compose_config(["model.backbone.synthetic_pretrain.steps=1600"])
+    cfg = compose_config(["model.backbone.synthetic_pretrain.steps=800"])
     validate(cfg)
     seen = {}
     monkeypatch.setattr(
@@ -115,7 +115,7 @@ def test_recipe_comes_from_the_config_and_is_part_of_the_identity(monkeypatch) -
         lambda **kw: seen.update(kw) or Path("/nowhere.pt"),
     )
     train.synthetic_backbone(cfg)
-    assert seen["recipe"] == PretrainRecipe(steps=1600)
+    assert seen["recipe"] == PretrainRecipe(steps=800)
     assert seen["depth"] == 10 and seen["norm"] == "bn"
 
     # Another recipe is another experiment for a synthetic-pretrained trial ...
@@ -123,7 +123,7 @@ def test_recipe_comes_from_the_config_and_is_part_of_the_identity(monkeypatch) -
     assert config_hash(cfg) != base
     assert config_hash(compose_config(["model.backbone.synthetic_pretrain.lr=0.05"])) != base
     # ... spelling out a default is not ...
-    assert config_hash(compose_config(["model.backbone.synthetic_pretrain.steps=400"])) == base
+    assert config_hash(compose_config(["model.backbone.synthetic_pretrain.steps=1600"])) == base
     # ... and the recipe is no part of a trial that does not use it (paper scale, smoke).
     for scale in ("paper", "smoke"):
         plain = config_hash(compose_config([f"scale={scale}"]))
