@@ -122,7 +122,10 @@ def test_recipe_comes_from_the_config_and_is_part_of_the_identity(monkeypatch) -
     base = config_hash(compose_config())
     assert config_hash(cfg) != base
     assert config_hash(compose_config(["model.backbone.synthetic_pretrain.lr=0.05"])) != base
-    # ... spelling out a default is not ...
+    # ... spelling out a default is not (the YAML node and the dataclass agree) ...
+    assert pretrain.recipe_from(compose_config().model.backbone.synthetic_pretrain) == (
+        PretrainRecipe()
+    )
     assert config_hash(compose_config(["model.backbone.synthetic_pretrain.steps=1600"])) == base
     # ... and the recipe is no part of a trial that does not use it (paper scale, smoke).
     for scale in ("paper", "smoke"):
