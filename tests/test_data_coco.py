@@ -271,6 +271,10 @@ def test_epoch_sampler_is_a_function_of_seed_and_epoch():
     other.set_epoch(1)
     assert list(other) == e1  # recreated without replaying epoch 0
     assert list(EpochShuffleSampler(data, seed=4)) != e0
+    # With draws: the same order, each index with its augmentation draw in [0, 1).
+    drawn = list(EpochShuffleSampler(data, seed=3, with_draws=True))
+    assert [i for i, _ in drawn] == e0
+    assert all(0 <= u < 1 for _, u in drawn) and len({u for _, u in drawn}) == len(data)
 
 
 def test_build_loader_train_and_eval(tiny):
@@ -292,8 +296,8 @@ def test_build_loader_train_and_eval(tiny):
 def test_loader_flips_reproducible_with_workers(tiny):
     ds = _ds(tiny, skip_empty=False, train=True, flip_prob=0.5)
 
-    def run(seed):
-        loader = build_loader(ds, batch_size=2, train=True, num_workers=2, seed=seed)
+    def run(seed, workers=2):
+        loader = build_loader(ds, batch_size=2, train=True, num_workers=workers, seed=seed)
         out = []
         for epoch in range(3):
             loader.sampler.set_epoch(epoch)
@@ -304,3 +308,11 @@ def test_loader_flips_reproducible_with_workers(tiny):
     a, b = run(0), run(0)
     assert a == b
     assert run(1) != a
+    # The flips come with the sampler's order, not from the process that loads the image: the
+    # same batches with no worker, one, or two (num_workers is not part of a trial's identity).
+    assert run(0, workers=0) == a and run(0, workers=1) == a
+    # ... and they are flips: the same image appears both ways over the epochs.
+    by_id = {}
+    for image_id, boxes in a:
+        by_id.setdefault(image_id, set()).add(boxes)
+    assert any(len(v) == 2 for v in by_id.values())

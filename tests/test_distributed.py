@@ -14,14 +14,19 @@ from retina_sweep.data.loader import EpochShuffleSampler, GlobalBatchShardSample
 from retina_sweep.train import run
 
 
-def test_global_batch_shards_union_to_the_single_process_batch() -> None:
+@pytest.mark.parametrize("with_draws", [False, True])
+def test_global_batch_shards_union_to_the_single_process_batch(with_draws: bool) -> None:
     data = list(range(37))
-    single = list(EpochShuffleSampler(data, seed=5))
+    single = list(EpochShuffleSampler(data, seed=5, with_draws=with_draws))
     shards = [
-        list(GlobalBatchShardSampler(data, batch_size=4, rank=r, world_size=3, seed=5))
+        list(
+            GlobalBatchShardSampler(
+                data, batch_size=4, rank=r, world_size=3, seed=5, with_draws=with_draws
+            )
+        )
         for r in range(3)
     ]
-    # 37 // 12 = 3 full global batches of 12
+    # 37 // 12 = 3 full global batches of 12 (with draws: the same images flipped the same way)
     for i in range(3):
         merged = sum((s[i * 4 : (i + 1) * 4] for s in shards), [])
         assert merged == single[i * 12 : (i + 1) * 12]

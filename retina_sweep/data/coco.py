@@ -298,7 +298,14 @@ class CocoDetection(Dataset):
         """Path of the image file of item `index`."""
         return self.img_dir / self._records[self.image_ids[index]]["file_name"]
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
+    def __getitem__(self, index: int | tuple[int, float]) -> tuple[torch.Tensor, dict[str, Any]]:
+        """`dataset[i]`, or `dataset[(i, draw)]` from the training samplers: `draw` in [0, 1)
+        decides the flip (`draw < flip_prob`), so the augmentation does not depend on which
+        process loads the image (retina_sweep/data/loader.py). A bare index draws from the
+        global torch RNG."""
+        draw: float | None = None
+        if isinstance(index, tuple):
+            index, draw = index
         image_id = self.image_ids[index]
         rec = self._records[image_id]
         path = self.img_dir / rec["file_name"]
@@ -318,8 +325,9 @@ class CocoDetection(Dataset):
         image = to_tensor_normalized(pil, self.mean, self.std)
         boxes = torch.from_numpy(rec["boxes"] * np.float32(factor))
         crowd = torch.from_numpy(rec["crowd"] * np.float32(factor))
-        # torch.rand draws from the (per-worker seeded) global torch RNG: see transforms.py.
-        if self.train and self.flip_prob > 0 and float(torch.rand(())) < self.flip_prob:
+        if draw is None and self.train and self.flip_prob > 0:
+            draw = float(torch.rand(()))
+        if self.train and self.flip_prob > 0 and draw < self.flip_prob:
             width = image.shape[-1]
             image = hflip_image(image)
             boxes = hflip_boxes(boxes, width)

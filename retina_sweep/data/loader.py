@@ -1,10 +1,14 @@
 """Batching: padded collate and a seeded DataLoader builder.
 
 Reproducibility: a training loader's order comes from `EpochShuffleSampler` (or
-`DistributedSampler`), a permutation that is a pure function of `(seed, epoch)`; the trainer
-calls `set_epoch` before each pass. The random flips come from the workers' torch RNG, which
-DataLoader seeds from the loader's `generator` (seeded with `seed`), so a run is reproducible for
-a fixed `num_workers`.
+`GlobalBatchShardSampler` across processes), a permutation that is a pure function of
+`(seed, epoch)`; the trainer calls `set_epoch` before each pass. The same generator draws one
+uniform number per position of the epoch, and the sampler hands it to the dataset with the index
+(`(index, draw)`, see `CocoDetection.__getitem__`), which flips the image when
+`draw < flip_prob`. So the augmentation is a function of `(seed, epoch, position)` alone: the
+same with 0, 1 or 8 DataLoader workers, and the same for N processes with batch b as for one
+with batch N * b. (Before 2026-11-27 the flips came from the workers' torch RNG and changed with
+`num_workers`, which the config hash leaves out as a runtime knob.)
 """
 
 from __future__ import annotations
@@ -70,20 +74,27 @@ class EpochShuffleSampler(Sampler[int]):
 
     Unlike a RandomSampler fed by a running generator, the order of epoch e can be recreated
     without replaying epochs 0..e-1 (e.g. after resuming), like DistributedSampler does.
+    With `with_draws`, each item is `(index, draw)`: `draw` in [0, 1) is the augmentation's
+    random number for that position of the epoch, from the same generator (module docstring).
     """
 
-    def __init__(self, data_source: Sized, seed: int = 0) -> None:
+    def __init__(self, data_source: Sized, seed: int = 0, *, with_draws: bool = False) -> None:
         self.num_samples = len(data_source)
         self.seed = int(seed)
         self.epoch = 0
+        self.with_draws = bool(with_draws)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[Any]:
         g = torch.Generator()
         g.manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.num_samples, generator=g).tolist())
+        order = torch.randperm(self.num_samples, generator=g).tolist()
+        if not self.with_draws:
+            return iter(order)
+        draws = torch.rand(self.num_samples, generator=g, dtype=torch.float64).tolist()
+        return iter(zip(order, draws, strict=True))
 
     def __len__(self) -> int:
         return self.num_samples
@@ -100,11 +111,18 @@ class GlobalBatchShardSampler(Sampler[int]):
     """
 
     def __init__(
-        self, data_source: Sized, *, batch_size: int, rank: int, world_size: int, seed: int = 0
+        self,
+        data_source: Sized,
+        *,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int = 0,
+        with_draws: bool = False,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
-        self.order = EpochShuffleSampler(data_source, seed=seed)
+        self.order = EpochShuffleSampler(data_source, seed=seed, with_draws=with_draws)
         self.batch_size = int(batch_size)
         self.rank = int(rank)
         self.world_size = int(world_size)
@@ -119,7 +137,7 @@ class GlobalBatchShardSampler(Sampler[int]):
     def set_epoch(self, epoch: int) -> None:
         self.order.set_epoch(epoch)
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[Any]:
         perm = list(self.order)
         b, gb = self.batch_size, self.batch_size * self.world_size
         for i in range(self.num_batches):
@@ -177,17 +195,18 @@ def build_loader(
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
     if distributed and train:
-        sampler: Sampler[int] = GlobalBatchShardSampler(
+        sampler: Sampler[Any] = GlobalBatchShardSampler(
             dataset,
             batch_size=batch_size,
             rank=torch.distributed.get_rank(),
             world_size=torch.distributed.get_world_size(),
             seed=seed,
+            with_draws=True,
         )
     elif distributed:
         sampler = DistributedSampler(dataset, shuffle=False, drop_last=False)
     elif train:
-        sampler = EpochShuffleSampler(dataset, seed=seed)
+        sampler = EpochShuffleSampler(dataset, seed=seed, with_draws=True)
     else:
         sampler = SequentialSampler(dataset)
     if drop_last and len(dataset) < batch_size and not distributed:
