@@ -150,13 +150,12 @@ def synthetic_backbone(cfg: DictConfig) -> Path:
     """`model.backbone.pretrained: synthetic`: the cached backbone pretrained on the proxy."""
     from .pretrain import recipe_from, synthetic_pretrained_backbone
 
-    recipe = cfg.model.backbone.get("synthetic_pretrain")
     return synthetic_pretrained_backbone(
         depth=int(cfg.model.backbone.depth),
         norm=str(cfg.model.backbone.norm),
         synthetic=OmegaConf.to_container(cfg.data.synthetic, resolve=True),
         cache_dir=cfg.data.get("cache_dir"),
-        recipe=recipe_from(OmegaConf.to_container(recipe, resolve=True) if recipe else None),
+        recipe=recipe_from(cfg.model.backbone.get("synthetic_pretrain")),
     )
 
 

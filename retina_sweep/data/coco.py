@@ -325,9 +325,13 @@ class CocoDetection(Dataset):
         image = to_tensor_normalized(pil, self.mean, self.std)
         boxes = torch.from_numpy(rec["boxes"] * np.float32(factor))
         crowd = torch.from_numpy(rec["crowd"] * np.float32(factor))
-        if draw is None and self.train and self.flip_prob > 0:
-            draw = float(torch.rand(()))
-        if self.train and self.flip_prob > 0 and draw < self.flip_prob:
+        if self.train and self.flip_prob > 0:
+            if draw is None:
+                draw = float(torch.rand(()))
+            flip = draw < self.flip_prob
+        else:
+            flip = False
+        if flip:
             width = image.shape[-1]
             image = hflip_image(image)
             boxes = hflip_boxes(boxes, width)

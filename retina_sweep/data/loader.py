@@ -69,7 +69,7 @@ class Collate:
         return collate(batch, self.size_divisible)
 
 
-class EpochShuffleSampler(Sampler[int]):
+class EpochShuffleSampler(Sampler[Any]):
     """Random permutation of the dataset that depends only on `(seed, epoch)`.
 
     Unlike a RandomSampler fed by a running generator, the order of epoch e can be recreated
@@ -100,7 +100,7 @@ class EpochShuffleSampler(Sampler[int]):
         return self.num_samples
 
 
-class GlobalBatchShardSampler(Sampler[int]):
+class GlobalBatchShardSampler(Sampler[Any]):
     """The `EpochShuffleSampler` order, cut into global batches shared out among the ranks.
 
     Global batch i is `perm[i*B:(i+1)*B]` with `B = batch_size * world_size`, exactly the batch a
