@@ -146,11 +146,13 @@ def to_device(images, targets, device: torch.device):
     return images, moved
 
 
-def synthetic_backbone(cfg: DictConfig) -> Path:
-    """`model.backbone.pretrained: synthetic`: the cached backbone pretrained on the proxy."""
+def synthetic_backbone(cfg: DictConfig, device: torch.device | None = None) -> Path:
+    """`model.backbone.pretrained: synthetic`: the cached backbone pretrained on the proxy
+    (trained first, on `device` or else the trial's `cfg.device`, when the cache lacks it)."""
     from .pretrain import recipe_from, synthetic_pretrained_backbone
 
     return synthetic_pretrained_backbone(
+        device=device if device is not None else pick_device(cfg.device),
         depth=int(cfg.model.backbone.depth),
         norm=str(cfg.model.backbone.norm),
         synthetic=OmegaConf.to_container(cfg.data.synthetic, resolve=True),
@@ -238,7 +240,7 @@ def train(
     if cfg.model.backbone.get("pretrained") == "synthetic":
         model_kwargs["backbone"] = {
             **OmegaConf.to_container(cfg.model.backbone, resolve=True),
-            "pretrained": str(synthetic_backbone(cfg)),
+            "pretrained": str(synthetic_backbone(cfg, device)),
         }
     model = instantiate(cfg.model, strategy=strategy, _convert_="all", **model_kwargs).to(device)
     raw_model = model
@@ -388,6 +390,22 @@ def train(
         torch.distributed.barrier()
     # Where the wall time went (the bench command reads these to measure the run overhead).
     tracker.log_metrics({f"time_{k}_s": v for k, v in timings.items()}, step=iterations)
+    if rank == 0 and iterations > start_iter:
+        n_its = iterations - start_iter
+        log.info(
+            "%d iterations in %.1f s (%.1f images/s over %d process(es)); evaluation %.1f s",
+            n_its,
+            timings["train"],
+            n_its * int(tcfg.batch_size) / max(timings["train"], 1e-9),
+            world_size,
+            timings["eval"],
+        )
+    if device.type == "cuda":
+        # Peak memory of this process's tensors (what detectron2 logs as max_mem): the number to
+        # size the batch per GPU by.
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+        tracker.log_metrics({"gpu_max_mem_gb": peak}, step=iterations)
+        log.info("peak GPU memory %.2f GiB", peak)
     return metrics or {}
 
 
