@@ -1,0 +1,65 @@
+"""Checks that need a CUDA device; skipped (and saying so) where there is none, as in CI.
+
+Run them on a GPU machine with `pytest -m cuda`. The same checks, as a script with timings, are
+`tools/gpu_check.sh` (docs/benchmarks.md, "On a GPU").
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import compose_config
+from mlflow.tracking import MlflowClient
+
+from retina_sweep import pretrain
+from retina_sweep.train import run
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+def test_crops_are_the_same_on_cpu_and_cuda() -> None:
+    """The pretraining batches do not depend on the device: every random number comes from one
+    CPU generator, and only the cropping runs where the images are."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (6, 3, 64, 96), dtype=torch.uint8, generator=g)
+    boxes = [torch.tensor([[4.0, 4.0, 30.0, 40.0], [50.0, 10.0, 90.0, 50.0]])] * 6
+    labels = [torch.tensor([1, 2])] * 6
+    padded, plabels, counts = pretrain._pad_boxes(boxes, labels)
+    recipe = pretrain.PretrainRecipe(batch_size=16, crop=24)
+    xc, yc = pretrain._sample_batch(
+        images, padded, plabels, counts, 3, recipe, torch.Generator().manual_seed(0)
+    )
+    xg, yg = pretrain._sample_batch(
+        images.cuda(), padded, plabels, counts, 3, recipe, torch.Generator().manual_seed(0)
+    )
+    assert yg.is_cuda and torch.equal(yc, yg.cpu())
+    torch.testing.assert_close(xc, xg.cpu(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_a_smoke_run_trains_on_cuda(tmp_path: Path, amp: bool) -> None:
+    """A whole run on the GPU, with and without mixed precision: finite losses, a FINISHED MLflow
+    run with its final AP, and the peak GPU memory logged."""
+    cfg = compose_config(
+        [
+            "scale=smoke",
+            "device=cuda",
+            f"train.amp={str(amp).lower()}",
+            f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+            f"paths.root={tmp_path}/sweeps",
+            f"data.cache_dir={tmp_path}/cache",
+        ]
+    )
+    ap = run(cfg)
+    assert math.isfinite(ap) and 0.0 <= ap <= 100.0
+    mlf = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    (r,) = mlf.search_runs([mlf.get_experiment_by_name("retina_sweep").experiment_id])
+    assert r.info.status == "FINISHED"
+    assert r.data.metrics["gpu_max_mem_gb"] > 0
+    assert math.isfinite(r.data.metrics["loss"])
