@@ -338,6 +338,11 @@ def _pretrain(
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     torch.save(state, tmp)
     os.replace(tmp, out)
+    if device.type == "cuda":
+        # The sweeper pretrains in its own process, which then only waits on its trials: hand
+        # the images and the network back to the GPU for them.
+        del net, images, opt, sched, x, y, logits, loss
+        torch.cuda.empty_cache()
     log.info(
         "pretrained ResNet-%d on %d synthetic crops in %.0f s on %s (train accuracy of the last "
         "50 steps %.1f%%): %s",
