@@ -149,6 +149,10 @@ RULES: list[Rule] = [
     Rule("train.clip_grad_norm", _num(0, lo_open=True), "a number > 0, or null", True),
     Rule("train.devices", _int(1), "an integer >= 1"),
     Rule("train.num_workers", _int(0), "an integer >= 0"),
+    Rule("train.amp", lambda v: isinstance(v, bool), "true or false", True),
+    Rule(
+        "train.cpu_amp", lambda v: isinstance(v, bool) or v == "auto", "true, false or auto", True
+    ),
     Rule("train.eval_every", _int(0), "an integer >= 0 (0 = final evaluation only)"),
     Rule("train.checkpoint_every", _int(0), "an integer >= 0 (0 = only at the end)"),
     Rule("sweep.seeds", _int(1), "an integer >= 1"),
@@ -241,6 +245,7 @@ HASH_EXCLUDE = (
     "train.num_workers",
     "train.progress",
     "train.amp",
+    "train.cpu_amp",
     "train.checkpoint_every",
     "data.cache_dir",
     "data.root",

@@ -106,6 +106,33 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 matrix products in hardware (AMX tiles or AVX512-BF16).
+
+    Elsewhere oneDNN emulates bf16 and autocast would make training slower, not faster.
+    """
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+
+
+def autocast_dtype(amp: Any, cpu_amp: Any, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a training step, or None for fp32.
+
+    ``amp`` (bool) is float16 autocast with loss scaling on CUDA. ``cpu_amp`` is bfloat16 autocast
+    on the CPU: ``true``, ``false`` or ``"auto"`` (only where the CPU has native bf16, see
+    `cpu_has_native_bf16`). bfloat16 has float32's exponent range, so it needs no loss scaling.
+    """
+    if device.type == "cuda":
+        return torch.float16 if bool(amp) else None
+    if device.type != "cpu":
+        return None
+    if cpu_amp == "auto":
+        return torch.bfloat16 if cpu_has_native_bf16() else None
+    if isinstance(cpu_amp, bool):
+        return torch.bfloat16 if cpu_amp else None
+    raise ValueError(f"train.cpu_amp must be true, false or auto, got {cpu_amp!r}")
+
+
 def atomic_save(obj: Any, path: Path) -> None:
     """torch.save to a temp file in the same folder, then rename: a crash never leaves half."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -265,8 +292,15 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda it: lr_factor(it, **sched_kwargs)
     )
-    use_amp = bool(tcfg.amp) and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    amp_dtype = autocast_dtype(tcfg.amp, tcfg.get("cpu_amp", False), device)
+    use_amp = amp_dtype is not None
+    # Loss scaling only for float16: bfloat16 keeps float32's exponent range.
+    use_scaler = amp_dtype == torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+    precision = {None: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[amp_dtype]
+    tracker.set_tags({"precision": precision})
+    if rank == 0:
+        log.info("training precision: %s (%s)", precision, device.type)
 
     ckpt_path = Path(cfg.paths.checkpoints) / config_hash(cfg) / "last.pt"
     start_iter = 0
@@ -275,7 +309,7 @@ def train(
         raw_model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        if "scaler" in state and use_amp:
+        if "scaler" in state and use_scaler:
             scaler.load_state_dict(state["scaler"])
         start_iter = int(state["iteration"])
         log.info("resuming from %s at iteration %d", ckpt_path, start_iter)
@@ -326,7 +360,7 @@ def train(
         tic = time.perf_counter()
         images, targets, image_sizes = next(batches)
         images, targets = to_device(images, targets, device)
-        with torch.autocast(device_type=device.type, enabled=use_amp):
+        with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
             losses = model(images, targets, image_sizes=image_sizes)
         loss = sum(losses.values())
         if not torch.isfinite(loss):

@@ -216,6 +216,10 @@ class RetinaNet(nn.Module):
             images = images.contiguous(memory_format=torch.channels_last)
         pyramid = self.fpn(self.backbone(images))
         cls_logits, bbox_deltas = self.head(pyramid)
+        # Losses, box decoding and score thresholds in float32 whatever the head computed in
+        # (under autocast the convolutions give float16 or bfloat16: 8 mantissa bits would put
+        # decoded boxes a pixel off and round small focal-loss terms away).
+        cls_logits, bbox_deltas = cls_logits.float(), bbox_deltas.float()
         shapes = [tuple(p.shape[-2:]) for p in pyramid]
         anchors = self.anchor_generator(shapes, device=images.device)
         if cls_logits.shape[1] != anchors.shape[0]:
