@@ -67,6 +67,8 @@ BAD = [
     ("model.backbone.depth=152", "model.backbone.depth"),
     ("train.iterations=0", "train.iterations"),
     ("model.matcher.bg_iou=0.6", "model.matcher.bg_iou"),
+    ("train.cpu_amp=bf16", "train.cpu_amp"),
+    ("train.amp=1", "train.amp"),
 ]
 
 

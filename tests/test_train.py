@@ -137,3 +137,33 @@ def test_nonfinite_loss_marks_the_run_diverged(tmp_path: Path, monkeypatch) -> N
     assert "non-finite loss" in r.data.tags["error"]
     # what was logged before the divergence is kept
     assert [m.step for m in mlf.get_metric_history(r.info.run_id, "loss")] == [1, 2]
+
+
+def test_autocast_dtype_by_device_and_setting(monkeypatch) -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert train_mod.autocast_dtype(True, False, cuda) == torch.float16
+    assert train_mod.autocast_dtype(False, True, cuda) is None  # cpu_amp is the CPU's key only
+    assert train_mod.autocast_dtype(True, False, cpu) is None  # amp is CUDA's float16
+    assert train_mod.autocast_dtype(False, True, cpu) == torch.bfloat16
+    monkeypatch.setattr(train_mod, "cpu_has_native_bf16", lambda: True)
+    assert train_mod.autocast_dtype(True, "auto", cpu) == torch.bfloat16
+    monkeypatch.setattr(train_mod, "cpu_has_native_bf16", lambda: False)
+    assert train_mod.autocast_dtype(True, "auto", cpu) is None
+    with pytest.raises(ValueError, match="train.cpu_amp"):
+        train_mod.autocast_dtype(True, "bf16", cpu)
+
+
+def test_cpu_amp_is_not_part_of_a_trials_identity() -> None:
+    # An execution detail like the thread count: a store keeps its finished cells across it.
+    base = compose_config(["train.cpu_amp=false"])
+    assert config_hash(base) == config_hash(compose_config(["train.cpu_amp=true"]))
+    assert config_hash(base) == config_hash(compose_config(["train.cpu_amp=auto"]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("setting", ["false", "true"])
+def test_run_records_its_precision(tmp_path: Path, setting: str) -> None:
+    run(smoke_cfg(tmp_path, f"train.cpu_amp={setting}", "train.iterations=2"))
+    _, runs = only_run(tmp_path)
+    assert runs[0].info.status == "FINISHED"
+    assert runs[0].data.tags["precision"] == {"false": "fp32", "true": "bf16"}[setting]

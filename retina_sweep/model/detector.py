@@ -216,9 +216,9 @@ class RetinaNet(nn.Module):
             images = images.contiguous(memory_format=torch.channels_last)
         pyramid = self.fpn(self.backbone(images))
         cls_logits, bbox_deltas = self.head(pyramid)
-        # Losses, box decoding and score thresholds in float32 whatever the head computed in
-        # (under autocast the convolutions give float16 or bfloat16: 8 mantissa bits would put
-        # decoded boxes a pixel off and round small focal-loss terms away).
+        # Under autocast the head's convolutions give float16 or bfloat16. The losses upcast on
+        # their own; casting once here makes every consumer (strategies, decoding, thresholds)
+        # see float32, whatever a future strategy forgets to cast.
         cls_logits, bbox_deltas = cls_logits.float(), bbox_deltas.float()
         shapes = [tuple(p.shape[-2:]) for p in pyramid]
         anchors = self.anchor_generator(shapes, device=images.device)
