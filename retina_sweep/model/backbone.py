@@ -20,6 +20,8 @@ from torchvision.models import get_weight
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torchvision.ops import FrozenBatchNorm2d
 
+from .norm import GroupNorm32
+
 __all__ = ["ResNetBackbone", "NORMS", "DEPTHS", "convert_frozen_batchnorm"]
 
 # depth -> (block, blocks per stage); 10 is not a torchvision network (no pretrained weights).
@@ -42,7 +44,8 @@ def _norm_layer(norm: str) -> Callable[[int], nn.Module]:
         return nn.BatchNorm2d
     if norm == "gn":
         # 32 groups as in "Group Normalization" (Wu & He); fewer if the layer is narrower.
-        return lambda channels: nn.GroupNorm(min(32, channels), channels)
+        # Float32 under autocast (model/norm.py); exactly nn.GroupNorm outside it.
+        return lambda channels: GroupNorm32(min(32, channels), channels)
     raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
 
 

@@ -15,6 +15,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from .norm import GroupNorm32
+
 __all__ = ["RetinaHead", "HEAD_NORMS"]
 
 HEAD_NORMS = (None, "GN", "BN")
@@ -25,7 +27,7 @@ def _norm(norm: str | None, channels: int) -> nn.Module | None:
         return None
     if norm == "GN":
         # 32 groups (Group Normalization's default), fewer for narrow proxy heads.
-        return nn.GroupNorm(math.gcd(32, channels), channels)
+        return GroupNorm32(math.gcd(32, channels), channels)
     if norm == "BN":
         # One BN shared by all levels (statistics pooled over the pyramid).
         return nn.BatchNorm2d(channels)
