@@ -434,3 +434,18 @@ def test_an_optuna_study_is_reported_against_its_grid_table(tmp_path: Path) -> N
     assert "| other | — | — | 1 | 1 | 0 | 400 | — | 20.0 | 3 | — | — |" in lone.markdown
     # The grid tables alone do not show studies.
     assert build_report(tracking_uri=s.uri, table="1b", out=tmp_path / "r2").studies == []
+
+
+def test_a_table_says_which_precision_its_runs_trained_in(tmp_path: Path) -> None:
+    s = Store(tmp_path)
+    for alpha, prec in ((0.25, "bf16"), (0.5, "bf16"), (0.75, None)):
+        s.run(
+            table="1a",
+            sweep="alpha",
+            params={"loss.alpha": alpha, "loss.gamma": 0.0},
+            ap=10 * alpha,
+            tags={"precision": prec} if prec else None,
+        )
+    report = build_report(tracking_uri=s.uri, table="1a", out=tmp_path / "r")
+    assert report.tables["1a"].precisions == {"bf16": 2, "fp32 (untagged)": 1}
+    assert "Training precision of the runs: bf16 x 2, fp32 (untagged) x 1 (mixed" in report.markdown

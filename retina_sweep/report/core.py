@@ -64,6 +64,9 @@ class Table:
     checks: list[dict[str, Any]]
     paper_reference: pd.DataFrame | None  # paper rows when none of ours match (other scale)
     num_runs: int
+    # Training precision (the runs' `precision` tag) -> number of runs behind the table; runs
+    # from before the tag existed count as "fp32 (untagged)".
+    precisions: dict[str, int] = field(default_factory=dict)
 
 
 def load_specs(path: str | Path | None = None) -> dict[str, TableSpec]:
@@ -312,7 +315,17 @@ def build_table(spec: TableSpec, runs: pd.DataFrame, paper: pd.DataFrame | None)
     rho, n_rho = _spearman(merged)
     checks = run_checks(spec, merged)
     n_runs = 0 if runs.empty else len(runs)
-    return Table(spec, merged.reset_index(drop=True), rho, n_rho, checks, paper_ref, n_runs)
+    precisions: dict[str, int] = {}
+    if not runs.empty:
+        tags = (
+            runs["tags.precision"] if "tags.precision" in runs else pd.Series("", index=runs.index)
+        )
+        # Before the tag, every CPU run trained in float32 (autocast was CUDA-only).
+        counts = tags.fillna("").replace("", "fp32 (untagged)").value_counts()
+        precisions = {str(k): int(v) for k, v in counts.sort_index().items()}
+    return Table(
+        spec, merged.reset_index(drop=True), rho, n_rho, checks, paper_ref, n_runs, precisions
+    )
 
 
 def _sort_rows(df: pd.DataFrame, spec: TableSpec) -> pd.DataFrame:

@@ -82,6 +82,13 @@ def _trend_lines(table: Table) -> list[str]:
     for c in table.checks:
         mark = {"holds": "✔", "fails": "✘"}.get(c["status"], "?")
         lines.append(f"{mark} {c['name']}: **{c['status']}** — {c['detail']}")
+    if table.precisions:
+        counts = ", ".join(f"{k} x {v}" for k, v in table.precisions.items())
+        mixed = len(table.precisions) > 1
+        lines.append(
+            f"Training precision of the runs: {counts}"
+            + (" (mixed: rows may differ by the precision as well as the setting)" if mixed else "")
+        )
     return lines
 
 
