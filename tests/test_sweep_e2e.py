@@ -97,15 +97,24 @@ def test_listed_rows_run_exactly_and_a_failure_does_not_stop_the_sweep(tmp_path:
     assert "FAILED" in out.stdout
 
 
-def test_two_trials_in_parallel_both_land(tmp_path: Path) -> None:
-    sweep(tmp_path, "+sweep=tiny_grid", "launcher=parallel", "tracking.log_every=1")
+def test_trials_in_parallel_all_land(tmp_path: Path) -> None:
+    sweep(
+        tmp_path,
+        "+sweep=tiny_grid",
+        "sweep.grid={loss.gamma:[0.0,1.0,2.0]}",
+        "launcher=parallel",
+        "tracking.log_every=1",
+    )
     mlf, parents, children = runs(tmp_path)
-    assert len(children) == 2
+    assert len(children) == 3
     for c in children:
         assert c.info.status == "FINISHED"
         history = mlf.get_metric_history(c.info.run_id, "loss")
         assert [m.step for m in history] == [1, 2, 3, 4]
         assert "AP" in c.data.metrics
+    # Two at once at one thread each; the last trial runs alone with both jobs' threads.
+    threads = {c.data.params["loss.gamma"]: c.data.params["train.threads"] for c in children}
+    assert threads == {"0.0": "1", "1.0": "1", "2.0": "2"}
 
 
 def _free_port() -> int:

@@ -171,6 +171,8 @@ class RetinaGridSweeper(Sweeper):
                 c.extra.append(f"tracking.parent_run_id={parent.run_id}")
 
         batch_size = self._batch_size()
+        # Torch threads per trial as the launcher set them (launcher=parallel: cores / n_jobs).
+        threads = OmegaConf.select(cfg, "train.threads", default=None)
         progress = Progress(len(todo), name=name, batch=batch_size)
         returns: list[list[JobReturn]] = []
         status = "FINISHED"
@@ -178,6 +180,12 @@ class RetinaGridSweeper(Sweeper):
             for start in range(0, len(todo), batch_size):
                 chunk = todo[start : start + batch_size]
                 batch = [fixed + c.override_list() for c in chunk]
+                if threads and len(chunk) < batch_size:
+                    # A last, partial batch (21 cells on 2 jobs ends with one): its trials get
+                    # the threads of the missing ones instead of leaving cores idle. Threads are
+                    # not part of a trial's identity (they change float rounding, not the cell).
+                    more = f"train.threads={int(threads) * batch_size // len(chunk)}"
+                    batch = [b + [more] for b in batch]
                 results = self.launcher.launch(batch, initial_job_idx=start)
                 for cell, result in zip(chunk, results, strict=True):
                     if result.status == JobStatus.COMPLETED:
