@@ -401,6 +401,12 @@ def test_bf16_autocast_keeps_losses_and_boxes_in_float32_and_close_to_fp32():
         assert low[key].dtype == torch.float32
         # bf16 keeps 8 mantissa bits: a few tenths of a percent per conv, not a different loss.
         torch.testing.assert_close(low[key], ref[key], rtol=0.05, atol=1e-3)
+    # What a strategy receives is float32 too (the detector casts the head outputs once), so a
+    # strategy that forgets to upcast still computes its loss in float32.
+    rec = Recorder()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        _model(strategy=rec).train()(images, _targets())
+    assert rec.calls[-1]["cls_logits"].dtype == torch.float32
     model.eval()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         dets = model(images)
