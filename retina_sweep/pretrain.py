@@ -16,13 +16,12 @@ Only the *train* split is used, so the val split stays unseen.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch.nn import functional as F
+
+from .locks import exclusive
 
 log = logging.getLogger(__name__)
 
@@ -258,26 +259,10 @@ def synthetic_pretrained_backbone(
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     # Parallel trials of a sweep on a cold cache: one trains, the others wait for its file.
-    with _exclusive(out.with_name(f".{out.name}.lock")):
+    with exclusive(out.with_name(f".{out.name}.lock")):
         if out.exists():
             return out
         return _pretrain(out, depth, train_norm, splits, recipe, device)
-
-
-@contextlib.contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
-    """An advisory inter-process lock (POSIX flock); a no-op where fcntl does not exist."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: concurrent trials may both pretrain; the write is atomic
-        yield
-        return
-    with open(lock_path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _pretrain(

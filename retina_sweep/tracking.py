@@ -25,6 +25,8 @@ from typing import Any, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 
+from .locks import exclusive
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -55,10 +57,22 @@ def retry(fn: Callable[[], T], *, attempts: int = 8, delay: float = 0.25) -> T:
 
 
 def client(uri: str | None = None):
-    """An `MlflowClient` on `uri` (or the default store)."""
+    """An `MlflowClient` on `uri` (or the default store).
+
+    A SQLite store is opened under a file lock beside its database: MLflow creates the schema of
+    a new database on first use, and two processes doing that at once (two runs started together
+    on a fresh directory) made one fail with "table experiments already exists".
+    """
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=resolve_uri(uri))
+    uri = resolve_uri(uri)
+    if not uri.startswith("sqlite:///"):
+        return MlflowClient(tracking_uri=uri)
+    db = Path(uri[len("sqlite:///") :])
+    with exclusive(db.with_name(f".{db.name}.lock")):
+        mlf = MlflowClient(tracking_uri=uri)  # its store creates or upgrades the schema
+        mlf.search_experiments(max_results=1)  # (lazily in some MLflow versions: force it)
+    return mlf
 
 
 def artifact_root(uri: str) -> str | None:

@@ -8,9 +8,9 @@ import torchvision.models._api as tv_api
 from torch import nn
 from torchvision.models import resnet18
 from torchvision.models.resnet import BasicBlock, ResNet
-from torchvision.ops import FrozenBatchNorm2d
 
 from retina_sweep.model.backbone import ResNetBackbone, convert_frozen_batchnorm
+from retina_sweep.model.norm import FrozenBatchNorm2d  # torchvision's, keeping the input dtype
 
 
 def _torchvision_features(net: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:

@@ -116,7 +116,7 @@ def test_recipe_comes_from_the_config_and_is_part_of_the_identity(monkeypatch) -
     )
     train.synthetic_backbone(cfg)
     assert seen["recipe"] == PretrainRecipe(steps=800)
-    assert seen["depth"] == 10 and seen["norm"] == "bn"
+    assert seen["depth"] == 10 and seen["norm"] == "frozen_bn"  # the bn weights, frozen
 
     # Another recipe is another experiment for a synthetic-pretrained trial ...
     base = config_hash(compose_config())

@@ -18,9 +18,8 @@ import torch
 from torch import Tensor, nn
 from torchvision.models import get_weight
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
-from torchvision.ops import FrozenBatchNorm2d
 
-from .norm import GroupNorm32
+from .norm import FrozenBatchNorm2d, GroupNorm32
 
 __all__ = ["ResNetBackbone", "NORMS", "DEPTHS", "convert_frozen_batchnorm"]
 

@@ -1,0 +1,30 @@
+"""An advisory inter-process file lock, for work that several processes may start at once."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = ["exclusive"]
+
+
+@contextlib.contextmanager
+def exclusive(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive POSIX `flock` on `lock_path` (created if missing) inside the block.
+
+    A no-op where `fcntl` does not exist (Windows): callers must stay correct without it (their
+    writes atomic, their creation idempotent), the lock only keeps them from doing the work twice.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
