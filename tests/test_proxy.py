@@ -74,3 +74,25 @@ def test_more_aspect_ratios_cover_more_of_the_proxys_objects(tmp_path: Path) -> 
         )
     assert three["objects_below_fg_iou_fraction"] < one["objects_below_fg_iou_fraction"]
     assert three["mean_best_iou"] > one["mean_best_iou"]
+
+
+def test_proxy_long_is_the_proxy_with_twice_the_schedule() -> None:
+    from omegaconf import OmegaConf
+
+    proxy = OmegaConf.to_container(compose_config(["scale=proxy"]), resolve=True)
+    long = OmegaConf.to_container(compose_config(["scale=proxy_long"]), resolve=True)
+    assert (long["train"]["iterations"], long["train"]["warmup_iters"]) == (800, 100)
+    assert (proxy["train"]["iterations"], proxy["train"]["warmup_iters"]) == (400, 50)
+    for cfg in (proxy, long):
+        del cfg["train"]["iterations"], cfg["train"]["warmup_iters"]
+    assert long == proxy  # nothing else differs: the model, data and lr steps are the proxy's
+    # The same trial as `scale=proxy train.iterations=800 train.warmup_iters=100`, so the two
+    # spellings share finished runs and checkpoints.
+    spelled = compose_config(["train.iterations=800", "train.warmup_iters=100"])
+    assert config_hash(compose_config(["scale=proxy_long"])) == config_hash(spelled)
+
+
+def test_proxy_trains_the_backbone_as_the_paper_does() -> None:
+    backbone = compose_config([]).model.backbone
+    # Stem and res2 frozen, every batch norm frozen (Detectron's RetinaNet recipe).
+    assert (backbone.freeze_at, backbone.norm) == (2, "frozen_bn")
