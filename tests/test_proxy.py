@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from helpers import compose_config
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from retina_sweep.builders import build_datasets
 from retina_sweep.config import config_hash, validate
@@ -77,8 +78,6 @@ def test_more_aspect_ratios_cover_more_of_the_proxys_objects(tmp_path: Path) -> 
 
 
 def test_proxy_long_is_the_proxy_with_twice_the_schedule() -> None:
-    from omegaconf import OmegaConf
-
     proxy = OmegaConf.to_container(compose_config(["scale=proxy"]), resolve=True)
     long = OmegaConf.to_container(compose_config(["scale=proxy_long"]), resolve=True)
     assert (long["train"]["iterations"], long["train"]["warmup_iters"]) == (800, 100)
