@@ -63,3 +63,50 @@ def test_a_smoke_run_trains_on_cuda(tmp_path: Path, amp: bool) -> None:
     assert r.info.status == "FINISHED"
     assert r.data.metrics["gpu_max_mem_gb"] > 0
     assert math.isfinite(r.data.metrics["loss"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_frozen_batch_norm_keeps_the_autocast_dtype_on_cuda(dtype: torch.dtype) -> None:
+    """The proxy's frozen batch norm under CUDA autocast (float16 is CUDA's default): the output
+    stays in the input's dtype and equals torchvision's float32 arithmetic to that dtype's
+    precision."""
+    import torchvision
+
+    from retina_sweep.model.norm import FrozenBatchNorm2d
+
+    g = torch.Generator().manual_seed(0)
+    ours, ref = FrozenBatchNorm2d(16), torchvision.ops.FrozenBatchNorm2d(16)
+    for name in ("weight", "bias", "running_mean"):
+        getattr(ours, name).copy_(torch.randn(16, generator=g))
+    ours.running_var.copy_(torch.rand(16, generator=g) + 0.5)
+    ref.load_state_dict(ours.state_dict())
+    ours, ref = ours.cuda(), ref.cuda()
+    x = torch.randn(4, 16, 9, 13, generator=g).cuda()
+    conv = torch.nn.Conv2d(16, 16, 1, bias=False).cuda()
+    with torch.autocast("cuda", dtype=dtype):
+        h = conv(x)  # an autocast activation, as the stem's convolution hands it on
+        y = ours(h)
+    assert h.dtype == dtype and y.dtype == dtype
+    torch.testing.assert_close(y.float(), ref(h.float()), atol=0.05, rtol=0.02)
+    torch.testing.assert_close(ours(x), ref(x), atol=0, rtol=0)  # float32: bit for bit
+
+
+def test_the_distributed_launcher_trains_on_nccl(tmp_path: Path) -> None:
+    """`train.devices` through torch.distributed's launcher on the GPU: one NCCL rank wrapping the
+    model in DistributedDataParallel (the multi-GPU path, on the one GPU a test machine has)."""
+    from retina_sweep import distributed
+
+    cfg = compose_config(
+        [
+            "scale=smoke",
+            "device=cuda",
+            f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+            f"paths.root={tmp_path}/sweeps",
+            f"data.cache_dir={tmp_path}/cache",
+        ]
+    )
+    ap = distributed.launch(cfg)
+    assert math.isfinite(ap) and 0.0 <= ap <= 100.0
+    mlf = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    (r,) = mlf.search_runs([mlf.get_experiment_by_name("retina_sweep").experiment_id])
+    assert r.info.status == "FINISHED" and r.data.metrics["gpu_max_mem_gb"] > 0
