@@ -23,6 +23,27 @@ pytestmark = [
 ]
 
 
+def _smoke_config(tmp_path: Path, *overrides: str):
+    """`scale=smoke` on the GPU, with its MLflow store, sweeps and data cache under tmp_path."""
+    return compose_config(
+        [
+            "scale=smoke",
+            "device=cuda",
+            *overrides,
+            f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+            f"paths.root={tmp_path}/sweeps",
+            f"data.cache_dir={tmp_path}/cache",
+        ]
+    )
+
+
+def _the_run(tmp_path: Path):
+    """The one MLflow run of a `_smoke_config` run."""
+    mlf = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    (r,) = mlf.search_runs([mlf.get_experiment_by_name("retina_sweep").experiment_id])
+    return r
+
+
 def test_crops_are_the_same_on_cpu_and_cuda() -> None:
     """The pretraining batches do not depend on the device: every random number comes from one
     CPU generator, and only the cropping runs where the images are."""
@@ -46,20 +67,9 @@ def test_crops_are_the_same_on_cpu_and_cuda() -> None:
 def test_a_smoke_run_trains_on_cuda(tmp_path: Path, amp: bool) -> None:
     """A whole run on the GPU, with and without mixed precision: finite losses, a FINISHED MLflow
     run with its final AP, and the peak GPU memory logged."""
-    cfg = compose_config(
-        [
-            "scale=smoke",
-            "device=cuda",
-            f"train.amp={str(amp).lower()}",
-            f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
-            f"paths.root={tmp_path}/sweeps",
-            f"data.cache_dir={tmp_path}/cache",
-        ]
-    )
-    ap = run(cfg)
+    ap = run(_smoke_config(tmp_path, f"train.amp={str(amp).lower()}"))
     assert math.isfinite(ap) and 0.0 <= ap <= 100.0
-    mlf = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
-    (r,) = mlf.search_runs([mlf.get_experiment_by_name("retina_sweep").experiment_id])
+    r = _the_run(tmp_path)
     assert r.info.status == "FINISHED"
     assert r.data.metrics["gpu_max_mem_gb"] > 0
     assert math.isfinite(r.data.metrics["loss"])
@@ -96,17 +106,7 @@ def test_the_distributed_launcher_trains_on_nccl(tmp_path: Path) -> None:
     model in DistributedDataParallel (the multi-GPU path, on the one GPU a test machine has)."""
     from retina_sweep import distributed
 
-    cfg = compose_config(
-        [
-            "scale=smoke",
-            "device=cuda",
-            f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
-            f"paths.root={tmp_path}/sweeps",
-            f"data.cache_dir={tmp_path}/cache",
-        ]
-    )
-    ap = distributed.launch(cfg)
+    ap = distributed.launch(_smoke_config(tmp_path))
     assert math.isfinite(ap) and 0.0 <= ap <= 100.0
-    mlf = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
-    (r,) = mlf.search_runs([mlf.get_experiment_by_name("retina_sweep").experiment_id])
+    r = _the_run(tmp_path)
     assert r.info.status == "FINISHED" and r.data.metrics["gpu_max_mem_gb"] > 0

@@ -163,15 +163,16 @@ def test_hpo_preset_is_an_optuna_study_with_pruning() -> None:
     # gamma on the log scale of the paper's grid, as Optuna will sample it.
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from hydra_plugins.retina_sweep_optuna.optuna_sweeper import to_distribution
+    from hydra_plugins.retina_sweep_optuna.optuna_sweeper import (
+        RetinaOptunaSweeper,
+        to_distribution,
+    )
 
     (gamma,) = OverridesParser.create().parse_overrides([f"g={sweeper.params['loss.gamma']}"])
     dist = to_distribution(gamma)
     assert dist.log and (dist.low, dist.high) == (0.1, 5.0)
     # `hydra.sweeper.pruner=NAME` alone switches to any pruner the preset has arguments for.
     # The constructor builds the pruner, so a wrong argument would raise here.
-    from hydra_plugins.retina_sweep_optuna.optuna_sweeper import RetinaOptunaSweeper
-
     assert {"hyperband", "median"} <= set(sweeper.pruner_args)
     for name in sweeper.pruner_args:
         built = RetinaOptunaSweeper(pruner=name, pruner_args=sweeper.pruner_args)
