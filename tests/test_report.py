@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from retina_sweep.report import build_report
 from retina_sweep.report.core import build_table, latest_per_config, load_paper, load_specs
-from retina_sweep.report.figures import loss_cdf
+from retina_sweep.report.figures import loss_cdf, loss_shares
 from retina_sweep.report.render import to_latex, to_markdown
 
 
@@ -250,6 +250,48 @@ def test_loss_cdf_matches_a_hand_computation() -> None:
     assert out[2.0]["neg"][0] < out[0.0]["neg"][0]
 
 
+def test_loss_shares_match_a_hand_computation() -> None:
+    # One class; positives at logits 2 and 0, negatives at -3 (p = .047, easy below .1) and 1.
+    logits = torch.tensor([[2.0], [0.0], [-3.0], [1.0]])
+    targets = torch.tensor([[1.0], [1.0], [0.0], [0.0]])
+    state = torch.tensor([1, 1, 0, 0])
+    sp = torch.nn.functional.softplus
+    p_neg = torch.sigmoid(torch.tensor([-3.0, 1.0]))
+    p_pos = torch.sigmoid(torch.tensor([2.0, 0.0]))
+    df = loss_shares(logits, targets, state, gammas=(0.0, 2.0), easy_prob=0.1, carry=0.9)
+    assert df.attrs == {
+        "positives": 2,
+        "negatives": 2,
+        "easy_negatives": 1,
+        "easy_prob": 0.1,
+        "carry": 0.9,
+    }
+    for g, row in zip((0.0, 2.0), df.itertuples(), strict=True):
+        # FL = -(1 - p_t)^g log p_t; for a negative, p_t = 1 - p and -log(1 - p) = softplus(x).
+        pos = float(((1 - p_pos) ** g * sp(-torch.tensor([2.0, 0.0]))).sum())
+        easy, hard = (p_neg**g * sp(torch.tensor([-3.0, 1.0]))).tolist()
+        total = pos + easy + hard
+        assert row.gamma == g
+        assert row.pos_share == pytest.approx(pos / total)
+        assert row.easy_neg_share == pytest.approx(easy / total)
+        assert row.other_neg_share == pytest.approx(hard / total)
+        assert row.neg_to_pos == pytest.approx((easy + hard) / pos)
+        assert row.easy_neg_to_pos == pytest.approx(easy / pos)
+        # The hard negative alone carries more than 90 % of the negatives' loss: 1 of 2.
+        assert hard / (easy + hard) > 0.9 and row.neg_fraction_carrying == 0.5
+    # A larger gamma moves the loss onto the hardest examples: here the hard negative (p = .73,
+    # harder than either positive) gains share, and the easy negative's loss relative to the
+    # positives' falls about 95-fold.
+    assert df.other_neg_share[1] > df.other_neg_share[0]
+    assert df.easy_neg_to_pos[1] < df.easy_neg_to_pos[0] / 90
+    with pytest.raises(ValueError, match="easy_prob"):
+        loss_shares(logits, targets, state, easy_prob=1.0)
+    with pytest.raises(ValueError, match="carry"):
+        loss_shares(logits, targets, state, carry=0.0)
+    with pytest.raises(ValueError, match=r"\(M,\)"):
+        loss_shares(logits, targets, state[:3])
+
+
 @pytest.mark.slow
 def test_figure4_is_computed_from_a_trained_checkpoint(tmp_path: Path) -> None:
     from helpers import compose_config
@@ -271,6 +313,15 @@ def test_figure4_is_computed_from_a_trained_checkpoint(tmp_path: Path) -> None:
     report = build_report(tracking_uri=uri, sweep="gamma", out=tmp_path / "r")
     fig = tmp_path / "r" / "figures" / "fig4_loss_cdf.png"
     assert fig in report.files and fig.stat().st_size > 1000
+    # Its numbers: the loss shares of the same predictions, in the files and the Markdown.
+    shares = pd.read_csv(tmp_path / "r" / "figures" / "fig4_loss_shares.csv")
+    assert shares["gamma"].tolist() == [0.0, 0.5, 1.0, 2.0, 5.0]
+    parts = shares[["pos_share", "easy_neg_share", "other_neg_share"]].sum(axis=1)
+    assert parts.to_numpy() == pytest.approx(1.0)
+    assert "Figure 4's loss shares: run " in report.markdown
+    # A run named on the command line that is not in the store is one clear error.
+    with pytest.raises(ValueError, match="figure4_run=nope: no such run"):
+        build_report(tracking_uri=uri, sweep="gamma", out=tmp_path / "r2", figure4_run="nope")
     # The report was also attached to the sweep's parent run when there is one; here there is
     # none, and nothing failed because of it.
     assert (tmp_path / "r" / "index.html").read_text().count("fig4_loss_cdf") >= 1

@@ -61,8 +61,11 @@ def build_report(
     formats: list[str] | tuple[str, ...] = FORMATS,
     out: str | Path | None = None,
     log_to_parent: bool = True,
+    figure4_run: str | None = None,
 ) -> Report:
-    """Build the report (see module docstring). `table`/`sweep` narrow it; `out` is its folder."""
+    """Build the report (see module docstring). `table`/`sweep` narrow it; `out` is its folder;
+    `figure4_run` names the run whose checkpoint draws Figure 4 (default: the latest gamma-2
+    run, else the latest focal-loss run)."""
     from ..tracking import resolve_uri
     from . import figures
     from .render import to_markdown, write_index, write_study, write_table
@@ -151,8 +154,18 @@ def build_report(
             files.append(out_dir / "studies.csv")
             summary.to_csv(files[-1], index=False)
     figs = _figures(shown, paper, out_dir / "figures", figures)
-    figs += _figure4(all_runs, uri, out_dir / "figures", figures)
+    fig4, shares, shares_title = _figure4(
+        every_run if figure4_run else all_runs, uri, out_dir / "figures", figures, figure4_run
+    )
+    figs += fig4
     files += figs
+    shares_md = ""
+    if shares is not None:
+        shares_md = figures.loss_shares_markdown(shares, shares_title)
+        files.append(out_dir / "figures" / "fig4_loss_shares.csv")
+        shares.to_csv(files[-1], index=False)
+        files.append(out_dir / "figures" / "fig4_loss_shares.md")
+        files[-1].write_text(shares_md)
     index = None
     if "html" in formats:
         index = write_index(
@@ -169,6 +182,7 @@ def build_report(
             *(to_markdown(t) for t in shown),
             *([summary_markdown(summary)] if len(studies) > 1 else []),
             *(study_markdown(s) for s in studies),
+            *([shares_md] if shares_md else []),
         ]
     )
     if log_to_parent and sweep is not None:
@@ -250,27 +264,54 @@ def _log_to_parent(uri: str, experiment: str, sweep: str, out_dir: Path) -> None
         log.info("report logged to parent run %s", parents[0].info.run_id)
 
 
-def _figure4(runs: pd.DataFrame, uri: str, fig_dir: Path, figures) -> list[Path]:
-    """The paper's Figure 4 from the latest finished focal-loss run whose checkpoint is here."""
+def _figure4(
+    runs: pd.DataFrame, uri: str, fig_dir: Path, figures, run_id: str | None = None
+) -> tuple[list[Path], pd.DataFrame | None, str]:
+    """The paper's Figure 4 and its loss shares from one finished focal-loss run's checkpoint.
+
+    The run is `run_id` when given; otherwise the latest finished run with gamma 2 (the paper
+    draws the figure for a converged gamma-2 model), else the latest focal-loss run. Returns the
+    figure's files, the shares (None when no run qualifies) and a title naming the run.
+    """
     if runs.empty or "params.paths.checkpoints" not in runs:
-        return []
+        if run_id is not None:
+            raise ValueError(f"figure4_run={run_id}: no such run in this store")
+        return [], None, ""
     from ..tracking import client
 
-    done = runs[(runs["status"] == "FINISHED") & (runs.get("tags.outcome") == "completed")]
-    if "params.loss.name" in done:
-        done = done[done["params.loss.name"] == "focal"]
-    for _, run in done.sort_values("start_time", ascending=False).iterrows():
+    if run_id is not None:
+        chosen = runs[runs["run_id"] == run_id]
+        if chosen.empty:
+            raise ValueError(f"figure4_run={run_id}: no such run in this store")
+    else:
+        chosen = runs[(runs["status"] == "FINISHED") & (runs.get("tags.outcome") == "completed")]
+        if "params.loss.name" in chosen:
+            chosen = chosen[chosen["params.loss.name"] == "focal"]
+        chosen = chosen.sort_values("start_time", ascending=False)
+        if "params.loss.gamma" in chosen:
+            is_two = pd.to_numeric(chosen["params.loss.gamma"], errors="coerce") == 2.0
+            chosen = pd.concat([chosen[is_two], chosen[~is_two]])
+    for _, run in chosen.iterrows():
         ckpt = Path(run["params.paths.checkpoints"]) / str(run["tags.config_hash"]) / "last.pt"
         if not ckpt.exists():
+            if run_id is not None:
+                raise ValueError(f"figure4_run={run_id}: its checkpoint {ckpt} is not there")
             continue
+        title = (
+            f"Figure 4's loss shares: run {run['run_id']} (gamma {run.get('params.loss.gamma')}, "
+            f"alpha {run.get('params.loss.alpha')}, seed {run.get('params.seed')}), val images"
+        )
         try:
             mlf = client(uri)
             local = mlf.download_artifacts(run["run_id"], "config/resolved.yaml")
-            return figures.figure4_from_checkpoint(
+            paths, shares = figures.figure4_from_checkpoint(
                 fig_dir / "fig4_loss_cdf", config_yaml=Path(local).read_text(), checkpoint=ckpt
             )
+            return paths, shares, title
         except Exception as exc:  # a report must not fail because one figure cannot be drawn
+            if run_id is not None:
+                raise ValueError(f"figure4_run={run_id}: {exc}") from exc
             log.warning("Figure 4 skipped (run %s): %s", run["run_id"], exc)
-            return []
+            return [], None, ""
     log.info("Figure 4 skipped: no finished focal-loss run with its checkpoint in this folder")
-    return []
+    return [], None, ""

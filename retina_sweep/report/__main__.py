@@ -1,5 +1,7 @@
 """`python -m retina_sweep.report [table=1b] [sweep=NAME] [format=md,tex,csv,html] [out=DIR]
-[tracking_uri=URI] [experiment=NAME]`: key=value arguments, like the main command's overrides."""
+[tracking_uri=URI] [experiment=NAME] [figure4_run=RUN_ID]`: key=value arguments, like the main
+command's overrides. `figure4_run` picks the run whose checkpoint draws the paper's Figure 4 and
+its loss shares (default: the latest finished gamma-2 run, else the latest focal-loss run)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import sys
 
 from . import FORMATS, build_report
 
-KEYS = ("table", "sweep", "format", "out", "tracking_uri", "experiment")
+KEYS = ("table", "sweep", "format", "out", "tracking_uri", "experiment", "figure4_run")
 
 
 def parse(argv: list[str]) -> dict[str, str]:
@@ -34,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
             sweep=args.get("sweep"),
             formats=[f.strip() for f in formats if f.strip()],
             out=args.get("out"),
+            figure4_run=args.get("figure4_run"),
         )
     except ValueError as exc:
         raise SystemExit(f"report: {exc}") from exc

@@ -5,6 +5,8 @@
 - `speed_accuracy`: AP against inference ms per image (Table 1(e)), like the paper's Figure 2.
 - `loss_cdf` / `plot_loss_cdf`: the paper's Figure 4, the cumulative distribution of the
   normalised focal loss over positive and over negative anchors, for several gamma.
+- `loss_shares`: the same predictions as numbers: how much of the loss each gamma puts on the
+  positives, on the easy negatives and on the rest, and how few negatives carry most of it.
 """
 
 from __future__ import annotations
@@ -23,7 +25,14 @@ import torch  # noqa: E402
 
 from ..losses import sigmoid_focal_loss  # noqa: E402
 
-__all__ = ["focal_loss_curves", "ap_vs_param", "speed_accuracy", "loss_cdf", "plot_loss_cdf"]
+__all__ = [
+    "focal_loss_curves",
+    "ap_vs_param",
+    "speed_accuracy",
+    "loss_cdf",
+    "loss_shares",
+    "plot_loss_cdf",
+]
 
 
 def _save(fig, path: Path) -> list[Path]:
@@ -156,6 +165,103 @@ def loss_cdf(
     return out
 
 
+def loss_shares(
+    cls_logits: torch.Tensor,
+    cls_targets: torch.Tensor,
+    anchor_state: torch.Tensor,
+    gammas: Sequence[float] = (0, 0.5, 1, 2),
+    *,
+    alpha: float = -1.0,
+    easy_prob: float = 0.01,
+    carry: float = 0.9,
+) -> pd.DataFrame:
+    """Where the focal loss of a set of predictions comes from, for several gamma.
+
+    The numbers behind the paper's Figure 4 and its argument that easy negatives swamp CE: on the
+    same predictions, each gamma's loss (summed over classes per anchor) split into positives,
+    easy negatives (background anchors whose highest class probability is below `easy_prob`) and
+    the other negatives.
+
+    Args:
+        cls_logits, cls_targets, anchor_state: as for `loss_cdf` ((M, K), (M, K), (M,) with
+            1 foreground, 0 background, -1 ignore).
+        alpha: the focal loss alpha (-1: none, as in the paper's Figure 4).
+        easy_prob: a background anchor is "easy" when every class probability is below this.
+        carry: `neg_fraction_carrying` is the smallest fraction of the negatives, hardest first,
+            whose loss adds up to this share of the negatives' loss.
+
+    Returns:
+        One row per gamma: `pos_share`, `easy_neg_share`, `other_neg_share` (summing to 1),
+        `neg_to_pos` (negatives' loss over positives'), `easy_neg_to_pos` and
+        `neg_fraction_carrying`; `df.attrs` holds the anchor counts (`positives`, `negatives`,
+        `easy_negatives`).
+    """
+    if cls_logits.shape != cls_targets.shape or cls_logits.dim() != 2:
+        raise ValueError("cls_logits and cls_targets must both be (M, K)")
+    if anchor_state.shape != cls_logits.shape[:1]:
+        raise ValueError("anchor_state must be (M,)")
+    if not 0.0 < easy_prob < 1.0:
+        raise ValueError(f"easy_prob must be in (0, 1), got {easy_prob}")
+    if not 0.0 < carry <= 1.0:
+        raise ValueError(f"carry must be in (0, 1], got {carry}")
+    pos, neg = anchor_state == 1, anchor_state == 0
+    easy = neg & (torch.sigmoid(cls_logits.float()).amax(dim=1) < easy_prob)
+    rows = []
+    for g in gammas:
+        per = sigmoid_focal_loss(cls_logits.float(), cls_targets.float(), alpha=alpha, gamma=g)
+        per = per.sum(dim=1).double()
+        lp, le, ln = float(per[pos].sum()), float(per[easy].sum()), float(per[neg].sum())
+        total = lp + ln
+        hardest_first = torch.sort(per[neg], descending=True).values
+        n_carry = float("nan")
+        if hardest_first.numel() and ln > 0:
+            reached = torch.cumsum(hardest_first, 0) >= carry * ln * (1 - 1e-12)
+            n_carry = (int(reached.nonzero()[0]) + 1) / hardest_first.numel()
+        rows.append(
+            {
+                "gamma": float(g),
+                "pos_share": lp / total if total else float("nan"),
+                "easy_neg_share": le / total if total else float("nan"),
+                "other_neg_share": (ln - le) / total if total else float("nan"),
+                "neg_to_pos": ln / lp if lp else float("inf"),
+                "easy_neg_to_pos": le / lp if lp else float("inf"),
+                "neg_fraction_carrying": n_carry,
+            }
+        )
+    df = pd.DataFrame(rows)
+    df.attrs.update(
+        positives=int(pos.sum()),
+        negatives=int(neg.sum()),
+        easy_negatives=int(easy.sum()),
+        easy_prob=easy_prob,
+        carry=carry,
+    )
+    return df
+
+
+def loss_shares_markdown(df: pd.DataFrame, title: str) -> str:
+    """`loss_shares` as a Markdown table with its counts."""
+    a = df.attrs
+    lines = [
+        f"### {title}",
+        "",
+        f"{a.get('positives', '?'):,} positive and {a.get('negatives', '?'):,} negative anchors "
+        f"({a.get('easy_negatives', '?'):,} easy: every class probability below "
+        f"{a.get('easy_prob', '?')}); loss summed over classes, no alpha.",
+        "",
+        "| gamma | positives | easy negatives | other negatives | negatives / positives "
+        f"| easy negatives / positives | negatives carrying {a.get('carry', 0.9):.0%} |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in df.itertuples():
+        lines.append(
+            f"| {r.gamma:g} | {r.pos_share:.1%} | {r.easy_neg_share:.1%} | "
+            f"{r.other_neg_share:.1%} | {r.neg_to_pos:.3g} | {r.easy_neg_to_pos:.3g} | "
+            f"{r.neg_fraction_carrying:.2%} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def plot_loss_cdf(path: Path, cdf: dict[float, dict[str, np.ndarray]]) -> list[Path]:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for g, c in cdf.items():
@@ -208,9 +314,19 @@ def collect_anchor_predictions(model, loader, *, max_images: int = 200):
 
 
 def figure4_from_checkpoint(
-    path: Path, *, config_yaml: str, checkpoint: Path, gammas=(0, 0.5, 1, 2), max_images=200
-) -> list[Path]:
-    """The paper's Figure 4 from a trained run: its resolved config and its checkpoint."""
+    path: Path,
+    *,
+    config_yaml: str,
+    checkpoint: Path,
+    gammas=(0, 0.5, 1, 2),
+    share_gammas=(0, 0.5, 1, 2, 5),
+    max_images=200,
+) -> tuple[list[Path], pd.DataFrame]:
+    """The paper's Figure 4 from a trained run: its resolved config and its checkpoint.
+
+    Returns the figure's files and `loss_shares` of the same predictions (val images, no
+    augmentation, the model's own matcher).
+    """
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
@@ -229,4 +345,5 @@ def figure4_from_checkpoint(
         data.val, batch_size=8, train=False, num_workers=0, size_divisible=data.size_divisible
     )
     logits, targets, states = collect_anchor_predictions(model, loader, max_images=max_images)
-    return plot_loss_cdf(path, loss_cdf(logits, targets, states, gammas))
+    shares = loss_shares(logits, targets, states, share_gammas)
+    return plot_loss_cdf(path, loss_cdf(logits, targets, states, gammas)), shares
