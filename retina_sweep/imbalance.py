@@ -80,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     from .config import validate
 
     args = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in args):
+        print(__doc__)
+        return 0
     images = 200
     overrides = []
     for a in args:

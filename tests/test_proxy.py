@@ -95,3 +95,15 @@ def test_proxy_trains_the_backbone_as_the_paper_does() -> None:
     backbone = compose_config([]).model.backbone
     # Stem and res2 frozen, every batch norm frozen (Detectron's RetinaNet recipe).
     assert (backbone.freeze_at, backbone.norm) == (2, "frozen_bn")
+
+
+@pytest.mark.parametrize("flag", ["-h", "--help"])
+def test_the_diagnostic_commands_print_their_usage(flag: str, capsys) -> None:
+    # Hydra would read "--help" as a malformed override and fail with a parser traceback.
+    from retina_sweep import imbalance
+    from retina_sweep.report import __main__ as report_cli
+
+    assert imbalance.main([flag]) == 0
+    assert "python -m retina_sweep.imbalance [overrides]" in capsys.readouterr().out
+    assert report_cli.main([flag]) == 0
+    assert "figure4_run=RUN_ID" in capsys.readouterr().out

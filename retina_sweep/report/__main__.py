@@ -26,7 +26,11 @@ def parse(argv: list[str]) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return 0
+    args = parse(argv)
     formats = args.get("format", ",".join(FORMATS)).split(",")
     try:
         report = build_report(
