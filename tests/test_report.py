@@ -292,6 +292,35 @@ def test_loss_shares_match_a_hand_computation() -> None:
         loss_shares(logits, targets, state[:3])
 
 
+def test_figure4_prefers_the_newest_finished_gamma_2_run() -> None:
+    from retina_sweep.report import figure4_candidates
+
+    def run(rid, gamma, start, status="FINISHED", outcome="completed", loss="focal"):
+        return {
+            "run_id": rid,
+            "params.loss.gamma": gamma,
+            "params.loss.name": loss,
+            "status": status,
+            "tags.outcome": outcome,
+            "start_time": pd.Timestamp(start),
+        }
+
+    runs = pd.DataFrame(
+        [
+            run("g1-new", "1.0", "2026-11-27 12:00"),
+            run("g2-old", "2.0", "2026-11-27 09:00"),
+            run("g2-new", "2", "2026-11-27 10:00"),
+            run("g2-running", "2.0", "2026-11-27 13:00", status="RUNNING"),
+            run("g2-pruned", "2.0", "2026-11-27 13:00", outcome="pruned"),
+            run("ce", "0.0", "2026-11-27 14:00", loss="ohem"),
+        ]
+    )
+    assert figure4_candidates(runs)["run_id"].tolist() == ["g2-new", "g2-old", "g1-new"]
+    assert figure4_candidates(runs, "g1-new")["run_id"].tolist() == ["g1-new"]
+    with pytest.raises(ValueError, match="figure4_run=zzz: no such run"):
+        figure4_candidates(runs, "zzz")
+
+
 @pytest.mark.slow
 def test_figure4_is_computed_from_a_trained_checkpoint(tmp_path: Path) -> None:
     from helpers import compose_config

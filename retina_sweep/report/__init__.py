@@ -264,6 +264,30 @@ def _log_to_parent(uri: str, experiment: str, sweep: str, out_dir: Path) -> None
         log.info("report logged to parent run %s", parents[0].info.run_id)
 
 
+def figure4_candidates(runs: pd.DataFrame, run_id: str | None = None) -> pd.DataFrame:
+    """The runs Figure 4 may be drawn from, best first (their checkpoints are checked later).
+
+    `run_id` alone when given (a ValueError when it is not in `runs`); otherwise the finished,
+    completed focal-loss runs, those with gamma 2 first (the paper's Figure 4 is of a converged
+    gamma-2 model), each group newest first.
+    """
+    if run_id is not None:
+        chosen = runs[runs["run_id"] == run_id] if "run_id" in runs else runs.iloc[:0]
+        if chosen.empty:
+            raise ValueError(f"figure4_run={run_id}: no such run in this store")
+        return chosen
+    if runs.empty:
+        return runs
+    done = runs[(runs["status"] == "FINISHED") & (runs.get("tags.outcome") == "completed")]
+    if "params.loss.name" in done:
+        done = done[done["params.loss.name"] == "focal"]
+    done = done.sort_values("start_time", ascending=False)
+    if "params.loss.gamma" not in done:
+        return done
+    is_two = pd.to_numeric(done["params.loss.gamma"], errors="coerce") == 2.0
+    return pd.concat([done[is_two], done[~is_two]])
+
+
 def _figure4(
     runs: pd.DataFrame, uri: str, fig_dir: Path, figures, run_id: str | None = None
 ) -> tuple[list[Path], pd.DataFrame | None, str]:
@@ -279,18 +303,7 @@ def _figure4(
         return [], None, ""
     from ..tracking import client
 
-    if run_id is not None:
-        chosen = runs[runs["run_id"] == run_id]
-        if chosen.empty:
-            raise ValueError(f"figure4_run={run_id}: no such run in this store")
-    else:
-        chosen = runs[(runs["status"] == "FINISHED") & (runs.get("tags.outcome") == "completed")]
-        if "params.loss.name" in chosen:
-            chosen = chosen[chosen["params.loss.name"] == "focal"]
-        chosen = chosen.sort_values("start_time", ascending=False)
-        if "params.loss.gamma" in chosen:
-            is_two = pd.to_numeric(chosen["params.loss.gamma"], errors="coerce") == 2.0
-            chosen = pd.concat([chosen[is_two], chosen[~is_two]])
+    chosen = figure4_candidates(runs, run_id)
     for _, run in chosen.iterrows():
         ckpt = Path(run["params.paths.checkpoints"]) / str(run["tags.config_hash"]) / "last.pt"
         if not ckpt.exists():
