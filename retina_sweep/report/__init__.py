@@ -36,7 +36,7 @@ from .studies import (
     summary_markdown,
 )
 
-__all__ = ["build_report", "Report"]
+__all__ = ["build_report", "figure4_candidates", "Report"]
 
 log = logging.getLogger(__name__)
 FORMATS = ("md", "tex", "csv", "html")
