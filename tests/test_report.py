@@ -292,13 +292,14 @@ def test_loss_shares_match_a_hand_computation() -> None:
         loss_shares(logits, targets, state[:3])
 
 
-def test_figure4_prefers_the_newest_finished_gamma_2_run() -> None:
+def test_figure4_prefers_the_papers_cell_then_gamma_2_newest_first() -> None:
     from retina_sweep.report import figure4_candidates
 
-    def run(rid, gamma, start, status="FINISHED", outcome="completed", loss="focal"):
+    def run(rid, gamma, start, status="FINISHED", outcome="completed", loss="focal", alpha="0.5"):
         return {
             "run_id": rid,
             "params.loss.gamma": gamma,
+            "params.loss.alpha": alpha,
             "params.loss.name": loss,
             "status": status,
             "tags.outcome": outcome,
@@ -310,12 +311,14 @@ def test_figure4_prefers_the_newest_finished_gamma_2_run() -> None:
             run("g1-new", "1.0", "2026-11-27 12:00"),
             run("g2-old", "2.0", "2026-11-27 09:00"),
             run("g2-new", "2", "2026-11-27 10:00"),
+            run("paper-cell", "2.0", "2026-11-27 08:00", alpha="0.25"),
             run("g2-running", "2.0", "2026-11-27 13:00", status="RUNNING"),
             run("g2-pruned", "2.0", "2026-11-27 13:00", outcome="pruned"),
             run("ce", "0.0", "2026-11-27 14:00", loss="ohem"),
         ]
     )
-    assert figure4_candidates(runs)["run_id"].tolist() == ["g2-new", "g2-old", "g1-new"]
+    order = ["paper-cell", "g2-new", "g2-old", "g1-new"]
+    assert figure4_candidates(runs)["run_id"].tolist() == order
     assert figure4_candidates(runs, "g1-new")["run_id"].tolist() == ["g1-new"]
     with pytest.raises(ValueError, match="figure4_run=zzz: no such run"):
         figure4_candidates(runs, "zzz")

@@ -64,8 +64,8 @@ def build_report(
     figure4_run: str | None = None,
 ) -> Report:
     """Build the report (see module docstring). `table`/`sweep` narrow it; `out` is its folder;
-    `figure4_run` names the run whose checkpoint draws Figure 4 (default: the latest gamma-2
-    run, else the latest focal-loss run)."""
+    `figure4_run` names the run whose checkpoint draws Figure 4 (default: the newest gamma 2 /
+    alpha .25 run, else gamma 2, else any focal-loss run)."""
     from ..tracking import resolve_uri
     from . import figures
     from .render import to_markdown, write_index, write_study, write_table
@@ -268,8 +268,9 @@ def figure4_candidates(runs: pd.DataFrame, run_id: str | None = None) -> pd.Data
     """The runs Figure 4 may be drawn from, best first (their checkpoints are checked later).
 
     `run_id` alone when given (a ValueError when it is not in `runs`); otherwise the finished,
-    completed focal-loss runs, those with gamma 2 first (the paper's Figure 4 is of a converged
-    gamma-2 model), each group newest first.
+    completed focal-loss runs: the paper's default cell first (gamma 2, alpha .25: its Figure 4 is
+    of a converged model trained with it), then the other gamma-2 runs, then the rest, each group
+    newest first.
     """
     if run_id is not None:
         chosen = runs[runs["run_id"] == run_id] if "run_id" in runs else runs.iloc[:0]
@@ -285,7 +286,9 @@ def figure4_candidates(runs: pd.DataFrame, run_id: str | None = None) -> pd.Data
     if "params.loss.gamma" not in done:
         return done
     is_two = pd.to_numeric(done["params.loss.gamma"], errors="coerce") == 2.0
-    return pd.concat([done[is_two], done[~is_two]])
+    alpha = done.get("params.loss.alpha", pd.Series(index=done.index, dtype=object))
+    paper = is_two & (pd.to_numeric(alpha, errors="coerce") == 0.25)
+    return pd.concat([done[paper], done[is_two & ~paper], done[~is_two]])
 
 
 def _figure4(
@@ -293,8 +296,8 @@ def _figure4(
 ) -> tuple[list[Path], pd.DataFrame | None, str]:
     """The paper's Figure 4 and its loss shares from one finished focal-loss run's checkpoint.
 
-    The run is `run_id` when given; otherwise the latest finished run with gamma 2 (the paper
-    draws the figure for a converged gamma-2 model), else the latest focal-loss run. Returns the
+    The run is `run_id` when given, else the first of `figure4_candidates` whose checkpoint is
+    here (the paper's gamma 2 / alpha .25 cell preferred). Returns the
     figure's files, the shares (None when no run qualifies) and a title naming the run.
     """
     if runs.empty or "params.paths.checkpoints" not in runs:

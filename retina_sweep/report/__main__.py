@@ -1,7 +1,8 @@
 """`python -m retina_sweep.report [table=1b] [sweep=NAME] [format=md,tex,csv,html] [out=DIR]
 [tracking_uri=URI] [experiment=NAME] [figure4_run=RUN_ID]`: key=value arguments, like the main
 command's overrides. `figure4_run` picks the run whose checkpoint draws the paper's Figure 4 and
-its loss shares (default: the latest finished gamma-2 run, else the latest focal-loss run)."""
+its loss shares (default: the newest gamma 2 / alpha .25 run, else gamma 2, else any focal-loss
+run)."""
 
 from __future__ import annotations
 
