@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from retina_sweep.report import build_report
 from retina_sweep.report.core import build_table, latest_per_config, load_paper, load_specs
-from retina_sweep.report.figures import loss_cdf, loss_shares
+from retina_sweep.report.figures import loss_cdf, loss_shares, loss_shares_markdown
 from retina_sweep.report.render import to_latex, to_markdown
 
 
@@ -265,7 +265,11 @@ def test_loss_shares_match_a_hand_computation() -> None:
         "easy_negatives": 1,
         "easy_prob": 0.1,
         "carry": 0.9,
+        "alpha": -1.0,
     }
+    assert "no alpha" in loss_shares_markdown(df, "t")
+    weighted = loss_shares(logits, targets, state, gammas=(2.0,), alpha=0.25)
+    assert "alpha 0.25" in loss_shares_markdown(weighted, "t")
     for g, row in zip((0.0, 2.0), df.itertuples(), strict=True):
         # FL = -(1 - p_t)^g log p_t; for a negative, p_t = 1 - p and -log(1 - p) = softplus(x).
         pos = float(((1 - p_pos) ** g * sp(-torch.tensor([2.0, 0.0]))).sum())

@@ -31,6 +31,7 @@ __all__ = [
     "speed_accuracy",
     "loss_cdf",
     "loss_shares",
+    "loss_shares_markdown",
     "plot_loss_cdf",
 ]
 
@@ -235,6 +236,7 @@ def loss_shares(
         easy_negatives=int(easy.sum()),
         easy_prob=easy_prob,
         carry=carry,
+        alpha=alpha,
     )
     return df
 
@@ -242,12 +244,14 @@ def loss_shares(
 def loss_shares_markdown(df: pd.DataFrame, title: str) -> str:
     """`loss_shares` as a Markdown table with its counts."""
     a = df.attrs
+    alpha = a.get("alpha", -1.0)
+    weighting = "no alpha" if alpha < 0 else f"alpha {alpha:g}"
     lines = [
         f"### {title}",
         "",
         f"{a.get('positives', '?'):,} positive and {a.get('negatives', '?'):,} negative anchors "
         f"({a.get('easy_negatives', '?'):,} easy: every class probability below "
-        f"{a.get('easy_prob', '?')}); loss summed over classes, no alpha.",
+        f"{a.get('easy_prob', '?')}); loss summed over classes, {weighting}.",
         "",
         "| gamma | positives | easy negatives | other negatives | negatives / positives "
         f"| easy negatives / positives | negatives carrying {a.get('carry', 0.9):.0%} |",
