@@ -300,13 +300,13 @@ def _figure4(
     here (the paper's gamma 2 / alpha .25 cell preferred). Returns the
     figure's files, the shares (None when no run qualifies) and a title naming the run.
     """
-    if runs.empty or "params.paths.checkpoints" not in runs:
+    chosen = figure4_candidates(runs, run_id)  # raises for an unknown run_id
+    if chosen.empty or "params.paths.checkpoints" not in chosen:
         if run_id is not None:
-            raise ValueError(f"figure4_run={run_id}: no such run in this store")
+            raise ValueError(f"figure4_run={run_id}: the run records no checkpoint folder")
         return [], None, ""
     from ..tracking import client
 
-    chosen = figure4_candidates(runs, run_id)
     for _, run in chosen.iterrows():
         ckpt = Path(run["params.paths.checkpoints"]) / str(run["tags.config_hash"]) / "last.pt"
         if not ckpt.exists():

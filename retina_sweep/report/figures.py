@@ -123,6 +123,32 @@ def speed_accuracy(path: Path, rows: pd.DataFrame, paper: pd.DataFrame | None) -
     return _save(fig, path)
 
 
+# loss_shares' defaults: "easy" = every class probability below this; the share of the
+# negatives' loss whose carriers are counted.
+EASY_PROB = 0.01
+CARRY = 0.9
+
+
+def _per_anchor_losses(
+    cls_logits: torch.Tensor,
+    cls_targets: torch.Tensor,
+    anchor_state: torch.Tensor,
+    gammas: Sequence[float],
+    alpha: float,
+) -> dict[float, torch.Tensor]:
+    """{gamma: (M,) float64 focal loss per anchor, summed over classes}, after the shape checks
+    `loss_cdf` and `loss_shares` share."""
+    if cls_logits.shape != cls_targets.shape or cls_logits.dim() != 2:
+        raise ValueError("cls_logits and cls_targets must both be (M, K)")
+    if anchor_state.shape != cls_logits.shape[:1]:
+        raise ValueError("anchor_state must be (M,)")
+    logits, targets = cls_logits.detach().float(), cls_targets.float()
+    return {
+        float(g): sigmoid_focal_loss(logits, targets, alpha=alpha, gamma=g).sum(dim=1).double()
+        for g in gammas
+    }
+
+
 def loss_cdf(
     cls_logits: torch.Tensor,
     cls_targets: torch.Tensor,
@@ -144,17 +170,18 @@ def loss_cdf(
         loss (summed over classes) normalised to sum to 1, sorted ascending, and its cumulative
         sum `y` against the fraction of anchors `x` in (0, 1].
     """
-    if cls_logits.shape != cls_targets.shape or cls_logits.dim() != 2:
-        raise ValueError("cls_logits and cls_targets must both be (M, K)")
-    if anchor_state.shape != cls_logits.shape[:1]:
-        raise ValueError("anchor_state must be (M,)")
+    losses = _per_anchor_losses(cls_logits, cls_targets, anchor_state, gammas, alpha)
+    return _cdf_of(losses, anchor_state)
+
+
+def _cdf_of(
+    losses: dict[float, torch.Tensor], anchor_state: torch.Tensor
+) -> dict[float, dict[str, np.ndarray]]:
     out: dict[float, dict[str, np.ndarray]] = {}
-    for g in gammas:
-        per = sigmoid_focal_loss(cls_logits.float(), cls_targets.float(), alpha=alpha, gamma=g)
-        per = per.sum(dim=1)
+    for g, per in losses.items():
         curves: dict[str, np.ndarray] = {}
         for name, mask in (("pos", anchor_state == 1), ("neg", anchor_state == 0)):
-            values = per[mask].detach().double()
+            values = per[mask]
             if values.numel() == 0 or float(values.sum()) == 0.0:
                 curves[name], curves[f"{name}_x"] = np.zeros(0), np.zeros(0)
                 continue
@@ -162,7 +189,7 @@ def loss_cdf(
             curves[name] = torch.cumsum(values, 0).numpy()
             n = values.numel()
             curves[f"{name}_x"] = np.arange(1, n + 1) / n
-        out[float(g)] = curves
+        out[g] = curves
     return out
 
 
@@ -173,8 +200,8 @@ def loss_shares(
     gammas: Sequence[float] = (0, 0.5, 1, 2),
     *,
     alpha: float = -1.0,
-    easy_prob: float = 0.01,
-    carry: float = 0.9,
+    easy_prob: float = EASY_PROB,
+    carry: float = CARRY,
 ) -> pd.DataFrame:
     """Where the focal loss of a set of predictions comes from, for several gamma.
 
@@ -197,20 +224,28 @@ def loss_shares(
         `neg_fraction_carrying`; `df.attrs` holds the anchor counts (`positives`, `negatives`,
         `easy_negatives`).
     """
-    if cls_logits.shape != cls_targets.shape or cls_logits.dim() != 2:
-        raise ValueError("cls_logits and cls_targets must both be (M, K)")
-    if anchor_state.shape != cls_logits.shape[:1]:
-        raise ValueError("anchor_state must be (M,)")
     if not 0.0 < easy_prob < 1.0:
         raise ValueError(f"easy_prob must be in (0, 1), got {easy_prob}")
     if not 0.0 < carry <= 1.0:
         raise ValueError(f"carry must be in (0, 1], got {carry}")
+    losses = _per_anchor_losses(cls_logits, cls_targets, anchor_state, gammas, alpha)
+    max_prob = torch.sigmoid(cls_logits.detach().float()).amax(dim=1)
+    return _shares_of(losses, anchor_state, max_prob, easy_prob=easy_prob, carry=carry, alpha=alpha)
+
+
+def _shares_of(
+    losses: dict[float, torch.Tensor],
+    anchor_state: torch.Tensor,
+    max_prob: torch.Tensor,
+    *,
+    easy_prob: float,
+    carry: float,
+    alpha: float,
+) -> pd.DataFrame:
     pos, neg = anchor_state == 1, anchor_state == 0
-    easy = neg & (torch.sigmoid(cls_logits.float()).amax(dim=1) < easy_prob)
+    easy = neg & (max_prob < easy_prob)
     rows = []
-    for g in gammas:
-        per = sigmoid_focal_loss(cls_logits.float(), cls_targets.float(), alpha=alpha, gamma=g)
-        per = per.sum(dim=1).double()
+    for g, per in losses.items():
         lp, le, ln = float(per[pos].sum()), float(per[easy].sum()), float(per[neg].sum())
         total = lp + ln
         hardest_first = torch.sort(per[neg], descending=True).values
@@ -220,7 +255,7 @@ def loss_shares(
             n_carry = (int(reached.nonzero()[0]) + 1) / hardest_first.numel()
         rows.append(
             {
-                "gamma": float(g),
+                "gamma": g,
                 "pos_share": lp / total if total else float("nan"),
                 "easy_neg_share": le / total if total else float("nan"),
                 "other_neg_share": (ln - le) / total if total else float("nan"),
@@ -254,7 +289,7 @@ def loss_shares_markdown(df: pd.DataFrame, title: str) -> str:
         f"{a.get('easy_prob', '?')}); loss summed over classes, {weighting}.",
         "",
         "| gamma | positives | easy negatives | other negatives | negatives / positives "
-        f"| easy negatives / positives | negatives carrying {a.get('carry', 0.9):.0%} |",
+        f"| easy negatives / positives | negatives carrying {a.get('carry', CARRY):.0%} |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in df.itertuples():
@@ -349,5 +384,16 @@ def figure4_from_checkpoint(
         data.val, batch_size=8, train=False, num_workers=0, size_divisible=data.size_divisible
     )
     logits, targets, states = collect_anchor_predictions(model, loader, max_images=max_images)
-    shares = loss_shares(logits, targets, states, share_gammas)
-    return plot_loss_cdf(path, loss_cdf(logits, targets, states, gammas)), shares
+    # One focal-loss pass per gamma serves both the curves and the shares.
+    every = list(dict.fromkeys(float(g) for g in (*gammas, *share_gammas)))
+    losses = _per_anchor_losses(logits, targets, states, every, alpha=-1.0)
+    shares = _shares_of(
+        {float(g): losses[float(g)] for g in share_gammas},
+        states,
+        torch.sigmoid(logits.float()).amax(dim=1),
+        easy_prob=EASY_PROB,
+        carry=CARRY,
+        alpha=-1.0,
+    )
+    curves = _cdf_of({float(g): losses[float(g)] for g in gammas}, states)
+    return plot_loss_cdf(path, curves), shares
