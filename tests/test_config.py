@@ -113,4 +113,4 @@ def test_hash_ignores_runtime_keys_but_not_the_experiment() -> None:
     assert config_hash(compose_config(["loss.gamma=1.0"])) != base
     assert config_hash(compose_config(["seed=1"])) != base
     # 3 and 3.0 are the same experiment
-    assert config_hash(compose_config(["model.anchors.base_size=16.0"])) == base
+    assert config_hash(compose_config(["model.anchors.base_size=32.0"])) == base

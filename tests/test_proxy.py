@@ -38,15 +38,35 @@ def test_proxy_keeps_dense_anchors_and_extreme_imbalance(tmp_path: Path) -> None
     model = instantiate(cfg.model, strategy=instantiate(cfg.loss), _convert_="all").eval()
     stats = anchor_statistics(model, data.train, num_images=40)
     h, w = cfg.data.synthetic.image_size
-    # 9 anchors per location on P3..P7 of the padded image, computed by hand
+    # 9 anchors per location on P2..P6 of the padded image, computed by hand
+    assert (cfg.model.fpn.min_level, cfg.model.fpn.max_level) == (2, 6)
     locations = sum(
-        -(-h // 2**lv) * -(-w // 2**lv) for lv in range(3, 8)
+        -(-h // 2**lv) * -(-w // 2**lv) for lv in range(2, 7)
     )  # ceil division per level
-    assert stats["anchors_per_image"] == 9 * locations
+    assert locations == 32 * 64 + 16 * 32 + 8 * 16 + 4 * 8 + 2 * 4
+    assert stats["anchors_per_image"] == 9 * locations == 24552
     assert 2 <= stats["objects_per_image"] <= 6
-    assert 5 <= stats["foreground_per_image"] <= 80
+    assert 40 <= stats["foreground_per_image"] <= 160
     # The paper's problem: background anchors outnumber foreground ones by two orders.
     assert stats["bg_to_fg_ratio"] > 50
+
+
+@pytest.mark.parametrize("scale", ["proxy", "paper"])
+def test_anchors_are_four_times_their_stride_as_in_the_paper(scale: str) -> None:
+    # The paper: 32 px anchors on P3 (stride 8) .. 512 px on P7 (stride 128). The proxy halves
+    # the images and the anchors, so it must also halve the strides (P2..P6), or the anchor grid
+    # becomes twice as coarse relative to the anchors (docs/proxy.md).
+    cfg = compose_config([f"scale={scale}", "model.backbone.pretrained=null"])
+    model = instantiate(cfg.model, strategy=instantiate(cfg.loss), _convert_="all")
+    gen = model.anchor_generator
+    assert gen.strides == [2**lv for lv in range({"proxy": 2, "paper": 3}[scale], 8)][:5]
+    for i, stride in enumerate(gen.strides):
+        cell = gen.cell_anchors(i)
+        side = ((cell[:, 2] - cell[:, 0]) * (cell[:, 3] - cell[:, 1])).sqrt()
+        # the smallest scale of the octave is 4x the stride, the largest 2**(2/3) times that
+        assert side.min().item() == pytest.approx(4 * stride, rel=1e-5)
+        assert side.max().item() == pytest.approx(4 * stride * 2 ** (2 / 3), rel=1e-5)
+    assert gen.strides[0] * 4 == {"proxy": 16, "paper": 32}[scale]
 
 
 def test_proxy_dataset_and_config_are_deterministic(tmp_path: Path) -> None:

@@ -299,9 +299,21 @@ def test_loss_shares_match_a_hand_computation() -> None:
 def test_figure4_prefers_the_papers_cell_then_gamma_2_newest_first() -> None:
     from retina_sweep.report import figure4_candidates
 
-    def run(rid, gamma, start, status="FINISHED", outcome="completed", loss="focal", alpha="0.5"):
+    def run(
+        rid,
+        gamma,
+        start,
+        status="FINISHED",
+        outcome="completed",
+        loss="focal",
+        alpha="0.5",
+        table="1b",
+        also=None,
+    ):
         return {
             "run_id": rid,
+            "tags.table": table,
+            "tags.also_tables": also,
             "params.loss.gamma": gamma,
             "params.loss.alpha": alpha,
             "params.loss.name": loss,
@@ -316,12 +328,16 @@ def test_figure4_prefers_the_papers_cell_then_gamma_2_newest_first() -> None:
             run("g2-old", "2.0", "2026-11-27 09:00"),
             run("g2-new", "2", "2026-11-27 10:00"),
             run("paper-cell", "2.0", "2026-11-27 08:00", alpha="0.25"),
+            # the same loss in the anchors sweep (another anchor row): after the gamma sweep's
+            run("paper-loss-4x3", "2.0", "2026-11-27 15:00", alpha="0.25", table="1c"),
+            # the default cell trained by the anchors sweep first, then shared with Table 1(b)
+            run("paper-shared", "2.0", "2026-11-27 07:00", alpha="0.25", table="1c", also="1a,1b"),
             run("g2-running", "2.0", "2026-11-27 13:00", status="RUNNING"),
             run("g2-pruned", "2.0", "2026-11-27 13:00", outcome="pruned"),
             run("ce", "0.0", "2026-11-27 14:00", loss="ohem"),
         ]
     )
-    order = ["paper-cell", "g2-new", "g2-old", "g1-new"]
+    order = ["paper-cell", "paper-shared", "paper-loss-4x3", "g2-new", "g2-old", "g1-new"]
     assert figure4_candidates(runs)["run_id"].tolist() == order
     assert figure4_candidates(runs, "g1-new")["run_id"].tolist() == ["g1-new"]
     with pytest.raises(ValueError, match="figure4_run=zzz: no such run"):

@@ -76,9 +76,17 @@ def test_speed_preset_follows_the_scale() -> None:
     assert pairs == {(d, s) for d in (50, 101) for s in (400, 500, 600, 700, 800)}
 
 
-def test_fpn_preset_levels_by_head_depth() -> None:
-    _, cells = cells_of("fpn")
-    got = {
+@pytest.mark.parametrize(
+    ("scale", "levels"),
+    [
+        ("paper", [(3, 7, "fpn"), (3, 5, "fpn"), (4, 7, "fpn"), (3, 7, "c5_only")]),
+        # half-size images: one level finer, so that the anchors stay 4x their stride
+        ("proxy", [(2, 6, "fpn"), (2, 4, "fpn"), (3, 6, "fpn"), (2, 6, "c5_only")]),
+    ],
+)
+def test_fpn_preset_levels_by_head_depth(scale: str, levels: list) -> None:
+    _, cells = cells_of("fpn", [f"scale={scale}"])
+    got = [
         (
             c.overrides["model.fpn.min_level"],
             c.overrides["model.fpn.max_level"],
@@ -86,9 +94,8 @@ def test_fpn_preset_levels_by_head_depth() -> None:
             c.overrides["model.head.num_convs"],
         )
         for c in cells
-    }
-    levels = [(3, 7, "fpn"), (3, 5, "fpn"), (4, 7, "fpn"), (3, 7, "c5_only")]
-    assert got == {(*lv, h) for lv in levels for h in (2, 4)}
+    ]
+    assert set(got) == {(*lv, h) for lv in levels for h in (2, 4)}
     assert len(cells) == 8
 
 

@@ -269,8 +269,9 @@ def figure4_candidates(runs: pd.DataFrame, run_id: str | None = None) -> pd.Data
 
     `run_id` alone when given (a ValueError when it is not in `runs`); otherwise the finished,
     completed focal-loss runs: the paper's default cell first (gamma 2, alpha .25: its Figure 4 is
-    of a converged model trained with it), then the other gamma-2 runs, then the rest, each group
-    newest first.
+    of a converged model trained with it), those of the `gamma` sweep (Table 1(b), where nothing
+    but the loss varies) before the others (e.g. the `anchors` sweep's 4 x 3 row has the same
+    loss), then the other gamma-2 runs, then the rest, each group newest first.
     """
     if run_id is not None:
         chosen = runs[runs["run_id"] == run_id] if "run_id" in runs else runs.iloc[:0]
@@ -288,7 +289,11 @@ def figure4_candidates(runs: pd.DataFrame, run_id: str | None = None) -> pd.Data
     is_two = pd.to_numeric(done["params.loss.gamma"], errors="coerce") == 2.0
     alpha = done.get("params.loss.alpha", pd.Series(index=done.index, dtype=object))
     paper = is_two & (pd.to_numeric(alpha, errors="coerce") == 0.25)
-    return pd.concat([done[paper], done[is_two & ~paper], done[~is_two]])
+    table = done.get("tags.table", pd.Series(index=done.index, dtype=object)).fillna("")
+    also = done.get("tags.also_tables", pd.Series(index=done.index, dtype=object)).fillna("")
+    in_1b = (table == "1b") | also.map(lambda tags: "1b" in str(tags).split(","))
+    groups = [paper & in_1b, paper & ~in_1b, is_two & ~paper, ~is_two]
+    return pd.concat([done[g] for g in groups])
 
 
 def _figure4(
