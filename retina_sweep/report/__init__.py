@@ -289,9 +289,7 @@ def figure4_candidates(runs: pd.DataFrame, run_id: str | None = None) -> pd.Data
     is_two = pd.to_numeric(done["params.loss.gamma"], errors="coerce") == 2.0
     alpha = done.get("params.loss.alpha", pd.Series(index=done.index, dtype=object))
     paper = is_two & (pd.to_numeric(alpha, errors="coerce") == 0.25)
-    table = done.get("tags.table", pd.Series(index=done.index, dtype=object)).fillna("")
-    also = done.get("tags.also_tables", pd.Series(index=done.index, dtype=object)).fillna("")
-    in_1b = (table == "1b") | also.map(lambda tags: "1b" in str(tags).split(","))
+    in_1b = runs_of_table(done, "1b")
     groups = [paper & in_1b, paper & ~in_1b, is_two & ~paper, ~is_two]
     return pd.concat([done[g] for g in groups])
 
