@@ -271,11 +271,30 @@ class ParentRun:
         }
         return summary
 
+    def settle_children(self) -> list[str]:
+        """End the children that recorded their final outcome but are still RUNNING.
+
+        A trial tags its outcome, then sets its status; a process killed between the two (a
+        parallel launcher kills its workers right after they were told to stop) leaves a run
+        tagged `killed` that says RUNNING forever. The trial's own tag is its last word, so the
+        status it maps to is set here. Returns the run ids that were ended.
+        """
+        from .tracking import OUTCOME_STATUS, retry
+
+        settled = []
+        for r in self.children():
+            status = OUTCOME_STATUS.get(r.data.tags.get("outcome", ""))
+            if r.info.status == "RUNNING" and status is not None:
+                retry(lambda r=r, status=status: self.mlf.set_terminated(r.info.run_id, status))
+                settled.append(r.info.run_id)
+        return settled
+
     def close(self, status: str = "FINISHED", metric: str = "AP") -> dict[str, Any]:
         from mlflow.entities import Metric, RunTag
 
         from .tracking import retry
 
+        self.settle_children()
         summary = self.summarize(metric)
         now = int(time.time() * 1000)
         metrics = [Metric(f"n_{k.lower()}", float(v), now, 0) for k, v in summary["status"].items()]

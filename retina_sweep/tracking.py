@@ -33,6 +33,14 @@ T = TypeVar("T")
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 TAG_KEYS = ("config_hash", "sweep", "table", "cell", "seed", "outcome")
+# The MLflow status of each final outcome (see the module docstring).
+OUTCOME_STATUS = {
+    "completed": "FINISHED",
+    "diverged": "FINISHED",
+    "pruned": "KILLED",
+    "killed": "KILLED",
+    "failed": "FAILED",
+}
 
 
 def resolve_uri(uri: str | None) -> str:
@@ -215,13 +223,7 @@ class RunTracker:
         """Flush metrics and close the run with the MLflow status that `outcome` maps to."""
         if not self.run_id:
             return
-        status = {
-            "completed": "FINISHED",
-            "diverged": "FINISHED",
-            "pruned": "KILLED",
-            "killed": "KILLED",
-            "failed": "FAILED",
-        }[outcome]
+        status = OUTCOME_STATUS[outcome]
         try:
             self.flush()
         finally:

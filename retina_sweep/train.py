@@ -32,6 +32,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from .config import config_hash, validate
+from .signals import terminate_as_interrupt
 from .tracking import RunTracker, config_params, tracker_from_config
 
 log = logging.getLogger(__name__)
@@ -474,7 +475,16 @@ def run(cfg: DictConfig) -> float:
 def run_worker(
     cfg: DictConfig, *, rank: int = 0, world_size: int = 1, local_rank: int = 0
 ) -> float:
-    """The body of `run` in one process (rank) of a possibly distributed run."""
+    """The body of `run` in one process (rank) of a possibly distributed run.
+
+    SIGTERM (a scheduler's time limit, `kill`) interrupts it like Ctrl-C: the MLflow run ends
+    KILLED with outcome `killed` instead of staying RUNNING (`retina_sweep.signals`).
+    """
+    with terminate_as_interrupt():
+        return _run_worker(cfg, rank=rank, world_size=world_size, local_rank=local_rank)
+
+
+def _run_worker(cfg: DictConfig, *, rank: int, world_size: int, local_rank: int) -> float:
     t_start = time.perf_counter()
     chash = config_hash(cfg)
     tracker = tracker_from_config(cfg, rank=rank)
@@ -519,8 +529,8 @@ def run_worker(
         if pruner is not None and hasattr(pruner, "pruned"):
             return pruner.pruned(exc.iteration)
         return math.nan
-    except KeyboardInterrupt:
-        tracker.finish("killed", error="interrupted")
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM as `signals.Terminated`
+        tracker.finish("killed", error=str(exc) or "interrupted")
         raise
     except BaseException as exc:
         tracker.finish("failed", error=f"{type(exc).__name__}: {exc}")

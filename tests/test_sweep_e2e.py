@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -74,6 +75,57 @@ def test_grid_sweep_parent_children_tags_and_resume(tmp_path: Path) -> None:
     sweep(tmp_path, "+sweep=tiny_grid", "sweep.force=true")
     _, _, children3 = runs(tmp_path)
     assert len(children3) == 4
+
+
+def test_sigterm_closes_the_sweep_and_its_trial_as_killed_and_a_rerun_finishes(
+    tmp_path: Path,
+) -> None:
+    # SIGTERM is what SLURM sends at a time limit and what `kill` sends. Python's default would
+    # end the process on the spot, leaving the parent and the trial RUNNING in MLflow forever.
+    # A few seconds of training per trial: still running when the signal comes.
+    args = ["+sweep=tiny_grid", "train.iterations=60", "train.checkpoint_every=2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "retina_sweep",
+        *args,
+        "scale=smoke",
+        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+        f"paths.root={tmp_path}/sweeps",
+        f"data.cache_dir={tmp_path}/cache",
+        f"hydra.searchpath=[file://{TESTS}/configs]",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    log = tmp_path / "sweep.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            # Wait for the first trial's first checkpoint: the trial is then well inside training.
+            deadline = time.monotonic() + 300
+            while not list((tmp_path / "sweeps" / "checkpoints").glob("*/last.pt")):
+                assert proc.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.2)
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert code != 0, log.read_text()
+    _, parents, children = runs(tmp_path)
+    assert len(parents) == 1 and len(children) == 1, log.read_text()
+    assert parents[0].info.status == "KILLED", log.read_text()
+    trial = children[0]
+    assert trial.info.status == "KILLED" and trial.data.tags["outcome"] == "killed"
+    assert trial.data.tags["error"] == "terminated by SIGTERM"
+
+    # The same command again reuses the parent, resumes the trial from its checkpoint and
+    # trains the other cell.
+    rerun = sweep(tmp_path, *args)
+    assert "resuming from" in rerun.stdout + rerun.stderr
+    _, parents2, children2 = runs(tmp_path)
+    assert len(parents2) == 1 and parents2[0].info.status == "FINISHED"
+    assert sorted(c.info.status for c in children2) == ["FINISHED", "FINISHED", "KILLED"]
 
 
 def test_listed_rows_run_exactly_and_a_failure_does_not_stop_the_sweep(tmp_path: Path) -> None:
@@ -220,3 +272,28 @@ def test_parent_summary_counts_the_iterations_pruning_saved() -> None:
     summary = ParentRun(mlf, "0", "parent").summarize("AP")
     assert summary["iterations_trained"] == 400 + 400 + 100 + 200
     assert summary["best_AP"] == 35.0 and summary["outcome"]["pruned"] == 2
+
+
+def test_closing_the_parent_ends_children_that_recorded_their_outcome(tmp_path: Path) -> None:
+    from retina_sweep.sweep import ParentRun
+
+    mlf = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    exp = mlf.create_experiment("retina_sweep")
+    parent = mlf.create_run(exp, tags={"is_parent": "true"}).info.run_id
+
+    def child(outcome: str, status: str = "RUNNING") -> str:
+        tags = {"mlflow.parentRunId": parent, "outcome": outcome}
+        run_id = mlf.create_run(exp, tags=tags).info.run_id
+        if status != "RUNNING":
+            mlf.set_terminated(run_id, status)
+        return run_id
+
+    # Tagged `killed`, then SIGKILLed by the launcher before it could set its status.
+    half_ended = child("killed")
+    still_training = child("running")  # another process may still be training it: left alone
+    done = child("completed", "FINISHED")
+    summary = ParentRun(mlf, exp, parent).close(status="KILLED")
+    status = {r: mlf.get_run(r).info.status for r in (half_ended, still_training, done)}
+    assert status == {half_ended: "KILLED", still_training: "RUNNING", done: "FINISHED"}
+    assert summary["status"] == {"KILLED": 1, "RUNNING": 1, "FINISHED": 1}
+    assert mlf.get_run(parent).info.status == "KILLED"

@@ -167,3 +167,40 @@ def test_run_records_its_precision(tmp_path: Path, setting: str) -> None:
     _, runs = only_run(tmp_path)
     assert runs[0].info.status == "FINISHED"
     assert runs[0].data.tags["precision"] == {"false": "fp32", "true": "bf16"}[setting]
+
+
+@pytest.mark.slow
+def test_sigterm_ends_the_run_killed_with_its_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    # What a scheduler's time limit or `kill` sends. Without the trial's handler the process
+    # would end on the spot and the MLflow run would stay RUNNING; the test installs a handler
+    # of its own first, so that a regression fails here instead of killing pytest.
+    import os
+    import signal
+
+    class NotHandled(Exception):
+        pass
+
+    def not_handled(signum, frame):
+        raise NotHandled
+
+    previous = signal.signal(signal.SIGTERM, not_handled)
+    try:
+        cfg = smoke_cfg(tmp_path, "train.iterations=6", "train.checkpoint_every=2")
+        real_save = train_mod.atomic_save
+
+        def save_then_terminate(obj, path):
+            real_save(obj, path)
+            if obj["iteration"] == 4:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        monkeypatch.setattr(train_mod, "atomic_save", save_then_terminate)
+        with pytest.raises(KeyboardInterrupt):
+            run(cfg)
+        assert signal.getsignal(signal.SIGTERM) is not_handled  # restored after the trial
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    mlf, runs = only_run(tmp_path)
+    assert runs[0].info.status == "KILLED" and runs[0].data.tags["outcome"] == "killed"
+    assert runs[0].data.tags["error"] == "terminated by SIGTERM"
+    ckpt = tmp_path / "sweeps" / "checkpoints" / config_hash(cfg) / "last.pt"
+    assert torch.load(ckpt, weights_only=True)["iteration"] == 4

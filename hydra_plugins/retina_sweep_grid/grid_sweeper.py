@@ -78,6 +78,14 @@ class RetinaGridSweeper(Sweeper):
 
     # -- the sweep ---------------------------------------------------------------------------
     def sweep(self, arguments: list[str]) -> Any:
+        # SIGTERM (a scheduler's time limit, `kill`) closes the parent run as KILLED, as Ctrl-C
+        # does, instead of ending the process with the parent RUNNING (retina_sweep.signals).
+        from retina_sweep.signals import terminate_as_interrupt
+
+        with terminate_as_interrupt():
+            return self._sweep(arguments)
+
+    def _sweep(self, arguments: list[str]) -> Any:
         from retina_sweep.config import config_hash, validate
         from retina_sweep.sweep import (
             ParentRun,

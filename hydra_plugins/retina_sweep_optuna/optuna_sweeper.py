@@ -307,6 +307,14 @@ class RetinaOptunaSweeper(Sweeper):
         return f"journal:{(root / str(name) / 'optuna_journal.log').resolve()}", str(name)
 
     def sweep(self, arguments: list[str]) -> Any:
+        # SIGTERM (a scheduler's time limit, `kill`) closes the parent run as KILLED, as Ctrl-C
+        # does, instead of ending the process with the parent RUNNING (retina_sweep.signals).
+        from retina_sweep.signals import terminate_as_interrupt
+
+        with terminate_as_interrupt():
+            return self._sweep(arguments)
+
+    def _sweep(self, arguments: list[str]) -> Any:
         import optuna
 
         from retina_sweep.optuna_pruning import PRUNED_ATTR, make_storage

@@ -1,0 +1,77 @@
+"""SIGTERM as an interrupt (retina_sweep.signals): raised as `Terminated`, handler restored."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import pytest
+
+from retina_sweep.signals import Terminated, terminate_as_interrupt
+
+
+class Sentinel(Exception):
+    pass
+
+
+def _sentinel(signum, frame):
+    raise Sentinel
+
+
+@pytest.fixture
+def sentinel_handler():
+    """A SIGTERM handler of the test's own, so a regression raises instead of killing pytest."""
+    previous = signal.signal(signal.SIGTERM, _sentinel)
+    yield
+    signal.signal(signal.SIGTERM, previous)
+
+
+def test_sigterm_raises_terminated_inside_and_the_old_handler_comes_back(sentinel_handler) -> None:
+    with pytest.raises(Terminated, match="SIGTERM") as info:
+        with terminate_as_interrupt():
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(10**6):  # the handler runs between bytecodes
+                pass
+    # A KeyboardInterrupt: every `except KeyboardInterrupt` (trial, sweep) handles it as Ctrl-C.
+    assert isinstance(info.value, KeyboardInterrupt)
+    assert signal.getsignal(signal.SIGTERM) is _sentinel
+    with pytest.raises(Sentinel):
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(10**6):
+            pass
+
+
+def test_the_handler_is_restored_after_a_normal_exit(sentinel_handler) -> None:
+    with terminate_as_interrupt():
+        assert signal.getsignal(signal.SIGTERM) is not _sentinel
+    assert signal.getsignal(signal.SIGTERM) is _sentinel
+
+
+def test_outside_the_main_thread_it_changes_nothing(sentinel_handler) -> None:
+    seen = []
+
+    def body():
+        with terminate_as_interrupt():  # signal.signal would raise ValueError in a thread
+            seen.append(signal.getsignal(signal.SIGTERM))
+
+    t = threading.Thread(target=body)
+    t.start()
+    t.join()
+    assert seen == [_sentinel]
+
+
+def test_a_second_sigterm_does_not_interrupt_the_cleanup(sentinel_handler) -> None:
+    cleaned = False
+    with terminate_as_interrupt():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(10**6):
+                pass
+        except Terminated:
+            os.kill(os.getpid(), signal.SIGTERM)  # ignored: the run is being recorded
+            for _ in range(10**6):
+                pass
+            cleaned = True
+    assert cleaned
+    assert signal.getsignal(signal.SIGTERM) is _sentinel
