@@ -75,3 +75,48 @@ def test_a_second_sigterm_does_not_interrupt_the_cleanup(sentinel_handler) -> No
             cleaned = True
     assert cleaned
     assert signal.getsignal(signal.SIGTERM) is _sentinel
+
+
+def _child(path: str, ready) -> None:
+    def on_term(signum, frame):
+        with open(path, "w") as f:
+            f.write("recorded")
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, on_term)
+    ready.set()
+    while True:
+        signal.pause()
+
+
+def test_with_grace_the_children_get_the_signal_and_time_to_record(
+    sentinel_handler, tmp_path
+) -> None:
+    # What a sweep with `launcher=parallel` needs: joblib kills its workers right after the
+    # sweep process is interrupted, so the workers must hear of it first.
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    ready = ctx.Event()
+    record = tmp_path / "child.txt"
+    child = ctx.Process(target=_child, args=(str(record), ready))
+    child.start()
+    try:
+        assert ready.wait(30)
+        with pytest.raises(Terminated):
+            with terminate_as_interrupt(grace_s=2.0):
+                os.kill(os.getpid(), signal.SIGTERM)
+                for _ in range(10**6):
+                    pass
+        # Checked at once, before any join: the grace period itself let the child record.
+        assert record.read_text() == "recorded"
+    finally:
+        child.join(10)
+        if child.is_alive():
+            child.kill()
+
+
+def test_a_negative_grace_is_refused() -> None:
+    with pytest.raises(ValueError, match="grace_s"):
+        with terminate_as_interrupt(grace_s=-1):
+            pass

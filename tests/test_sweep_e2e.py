@@ -77,13 +77,22 @@ def test_grid_sweep_parent_children_tags_and_resume(tmp_path: Path) -> None:
     assert len(children3) == 4
 
 
-def test_sigterm_closes_the_sweep_and_its_trial_as_killed_and_a_rerun_finishes(
-    tmp_path: Path,
+@pytest.mark.parametrize("launcher", ["local", "parallel"])
+def test_sigterm_closes_the_sweep_and_its_trials_as_killed_and_a_rerun_finishes(
+    tmp_path: Path, launcher: str
 ) -> None:
     # SIGTERM is what SLURM sends at a time limit and what `kill` sends. Python's default would
     # end the process on the spot, leaving the parent and the trial RUNNING in MLflow forever.
-    # A few seconds of training per trial: still running when the signal comes.
-    args = ["+sweep=tiny_grid", "train.iterations=60", "train.checkpoint_every=2"]
+    # With `launcher=parallel` the signal reaches the sweep process only (as `kill PID` does):
+    # it must forward it to the joblib workers before joblib kills them, or their trials stay
+    # RUNNING. A few seconds of training per trial: still running when the signal comes.
+    args = [
+        "+sweep=tiny_grid",
+        f"launcher={launcher}",
+        "train.iterations=60",
+        "train.checkpoint_every=2",
+    ]
+    started = 2 if launcher == "parallel" else 1  # trials running when the signal comes
     cmd = [
         sys.executable,
         "-m",
@@ -113,19 +122,19 @@ def test_sigterm_closes_the_sweep_and_its_trial_as_killed_and_a_rerun_finishes(
                 proc.kill()
     assert code != 0, log.read_text()
     _, parents, children = runs(tmp_path)
-    assert len(parents) == 1 and len(children) == 1, log.read_text()
+    assert len(parents) == 1 and len(children) == started, log.read_text()
     assert parents[0].info.status == "KILLED", log.read_text()
-    trial = children[0]
-    assert trial.info.status == "KILLED" and trial.data.tags["outcome"] == "killed"
-    assert trial.data.tags["error"] == "terminated by SIGTERM"
+    for trial in children:
+        assert trial.info.status == "KILLED" and trial.data.tags["outcome"] == "killed"
+        assert trial.data.tags["error"] == "terminated by SIGTERM"
 
-    # The same command again reuses the parent, resumes the trial from its checkpoint and
-    # trains the other cell.
+    # The same command again reuses the parent, resumes from the checkpoints and finishes.
     rerun = sweep(tmp_path, *args)
     assert "resuming from" in rerun.stdout + rerun.stderr
     _, parents2, children2 = runs(tmp_path)
     assert len(parents2) == 1 and parents2[0].info.status == "FINISHED"
-    assert sorted(c.info.status for c in children2) == ["FINISHED", "FINISHED", "KILLED"]
+    statuses = sorted(c.info.status for c in children2)
+    assert statuses == ["FINISHED", "FINISHED"] + ["KILLED"] * started
 
 
 def test_listed_rows_run_exactly_and_a_failure_does_not_stop_the_sweep(tmp_path: Path) -> None:

@@ -79,10 +79,11 @@ class RetinaGridSweeper(Sweeper):
     # -- the sweep ---------------------------------------------------------------------------
     def sweep(self, arguments: list[str]) -> Any:
         # SIGTERM (a scheduler's time limit, `kill`) closes the parent run as KILLED, as Ctrl-C
-        # does, instead of ending the process with the parent RUNNING (retina_sweep.signals).
-        from retina_sweep.signals import terminate_as_interrupt
+        # does, instead of ending the process with the parent RUNNING; worker processes get it
+        # forwarded and a few seconds to record their trials (retina_sweep.signals).
+        from retina_sweep.signals import SWEEP_GRACE_S, terminate_as_interrupt
 
-        with terminate_as_interrupt():
+        with terminate_as_interrupt(grace_s=SWEEP_GRACE_S):
             return self._sweep(arguments)
 
     def _sweep(self, arguments: list[str]) -> Any:
