@@ -1,4 +1,4 @@
-"""SIGTERM as an interrupt, so that a terminated trial or sweep is recorded as killed.
+"""SIGTERM and SIGINT as interrupts, so that a terminated trial or sweep is recorded as killed.
 
 SLURM (and so submitit) sends SIGTERM at a job's time limit and on preemption, `kill` sends it by
 default, and so do systemd and most process managers. Python's default action for SIGTERM ends
@@ -9,12 +9,14 @@ already handles Ctrl-C handles it too: the trial ends with outcome `killed` (sta
 sweep's parent run is closed as KILLED, and rerunning the sweep trains only the cells without a
 finished run (from the trial's last checkpoint).
 
-SIGKILL (`kill -9`, the OOM killer) cannot be caught; a trial killed that way stays RUNNING in
-MLflow and is rerun like any unfinished cell. A sweep that runs its trials in worker processes
-(`launcher=parallel`: joblib's loky workers) passes `grace_s`: on SIGTERM it first sends SIGTERM
-to its child processes and gives them `grace_s` seconds to record their end, because joblib kills
-its workers with SIGKILL as soon as the sweep process is interrupted. A trial that tagged its
-outcome but was killed before setting its status is ended by the sweep's parent run
+A sweep that runs its trials in worker processes (`launcher=parallel`: joblib's loky workers)
+passes `grace_s`: on SIGTERM or Ctrl-C it first forwards the signal to its child processes and
+gives them `grace_s` seconds to record their end, because joblib kills its workers with SIGKILL
+as soon as the sweep process is interrupted. For the same reason each signal is handled once: a
+worker that gets Ctrl-C from the terminal and again from its sweep must not be interrupted while
+it records its trial. SIGKILL (`kill -9`, the OOM killer) cannot be caught; a trial killed that
+way stays RUNNING in MLflow and is rerun like any unfinished cell. A trial that tagged its outcome
+but was killed before setting its status is ended by the sweep's parent run
 (`ParentRun.settle_children`).
 """
 
@@ -36,15 +38,16 @@ SWEEP_GRACE_S = 5.0
 
 
 class Terminated(KeyboardInterrupt):
-    """Raised in the main thread when the process receives SIGTERM."""
+    """Raised in the main thread when the process receives SIGTERM (SIGINT raises a plain
+    `KeyboardInterrupt`, as Python's own handler does)."""
 
 
-def _forward_and_wait(grace_s: float) -> None:
-    """SIGTERM to this process's children (joblib's workers), then `grace_s` seconds for them."""
+def _forward_and_wait(signum: int, grace_s: float) -> None:
+    """`signum` to this process's children (joblib's workers), then `grace_s` seconds for them."""
     children = multiprocessing.active_children()
     for child in children:
         try:
-            os.kill(child.pid, signal.SIGTERM)
+            os.kill(child.pid, signum)
         except (ProcessLookupError, TypeError):  # already gone, or not started (pid None)
             pass
     if children:
@@ -53,30 +56,38 @@ def _forward_and_wait(grace_s: float) -> None:
 
 @contextmanager
 def terminate_as_interrupt(*, grace_s: float = 0.0) -> Iterator[None]:
-    """Within the block, SIGTERM raises `Terminated`; the previous handler is restored after.
+    """Within the block, SIGTERM raises `Terminated` and SIGINT `KeyboardInterrupt`, once.
 
-    The first SIGTERM raises; later ones are ignored, so that a scheduler signalling every
-    process of a job, or repeating the signal, does not interrupt the cleanup that records the
-    run as killed (SIGKILL still ends it). With ``grace_s > 0`` the handler first forwards
-    SIGTERM to the process's child processes and waits ``grace_s`` seconds (see the module
-    docstring). Python delivers signals to the main thread only, so elsewhere (a trial run in a
-    thread pool) this does nothing.
+    The first of them raises; later ones are ignored until the block ends, so that a scheduler
+    signalling every process of a job, a repeated signal, or Ctrl-C reaching a worker both from
+    the terminal and from its sweep, does not interrupt the cleanup that records the run as
+    killed (SIGKILL still ends it). With ``grace_s > 0`` the handler first forwards the signal to
+    the process's child processes and waits ``grace_s`` seconds (see the module docstring). A
+    signal the process ignores (SIGINT of a background job) stays ignored. The previous handlers
+    are restored after the block. Python delivers signals to the main thread only, so elsewhere
+    (a trial run in a thread pool) this does nothing.
     """
     if grace_s < 0:
         raise ValueError(f"grace_s must be >= 0, got {grace_s}")
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    caught = [s for s in (signal.SIGTERM, signal.SIGINT) if signal.getsignal(s) != signal.SIG_IGN]
 
     def handler(signum: int, frame: object) -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for s in caught:
+            signal.signal(s, signal.SIG_IGN)
         if grace_s > 0:
-            _forward_and_wait(grace_s)
-        raise Terminated(f"terminated by {signal.Signals(signum).name}")
+            _forward_and_wait(signum, grace_s)
+        name = signal.Signals(signum).name
+        if signum == signal.SIGTERM:
+            raise Terminated(f"terminated by {name}")
+        raise KeyboardInterrupt(f"interrupted by {name}")
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {s: signal.signal(s, handler) for s in caught}
     try:
         yield
     finally:
         # getsignal() returns None for a handler not installed from Python: put the default back.
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        for s, old in previous.items():
+            signal.signal(s, old if old is not None else signal.SIG_DFL)

@@ -120,3 +120,43 @@ def test_a_negative_grace_is_refused() -> None:
     with pytest.raises(ValueError, match="grace_s"):
         with terminate_as_interrupt(grace_s=-1):
             pass
+
+
+@pytest.fixture
+def sigint_default():
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_sigint_raises_once_and_its_handler_comes_back(sigint_default) -> None:
+    recorded = False
+    with pytest.raises(KeyboardInterrupt, match="interrupted by SIGINT") as info:
+        with terminate_as_interrupt():
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                for _ in range(10**6):
+                    pass
+            except KeyboardInterrupt:
+                os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C again while recording: ignored
+                for _ in range(10**6):
+                    pass
+                recorded = True
+                raise
+    assert recorded and not isinstance(info.value, Terminated)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_an_ignored_sigint_stays_ignored() -> None:
+    # A background job (`cmd &` in a script, nohup) ignores SIGINT; the trial must not start
+    # reacting to it.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with terminate_as_interrupt():
+            assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(10**6):
+                pass
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)

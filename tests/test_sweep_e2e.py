@@ -77,9 +77,16 @@ def test_grid_sweep_parent_children_tags_and_resume(tmp_path: Path) -> None:
     assert len(children3) == 4
 
 
-@pytest.mark.parametrize("launcher", ["local", "parallel"])
+@pytest.mark.parametrize(
+    ("launcher", "signum", "error"),
+    [
+        ("local", signal.SIGTERM, "terminated by SIGTERM"),
+        ("parallel", signal.SIGTERM, "terminated by SIGTERM"),
+        ("parallel", signal.SIGINT, "interrupted by SIGINT"),  # `kill -INT` of the sweep alone
+    ],
+)
 def test_sigterm_closes_the_sweep_and_its_trials_as_killed_and_a_rerun_finishes(
-    tmp_path: Path, launcher: str
+    tmp_path: Path, launcher: str, signum: int, error: str
 ) -> None:
     # SIGTERM is what SLURM sends at a time limit and what `kill` sends. Python's default would
     # end the process on the spot, leaving the parent and the trial RUNNING in MLflow forever.
@@ -115,7 +122,7 @@ def test_sigterm_closes_the_sweep_and_its_trials_as_killed_and_a_rerun_finishes(
                 assert proc.poll() is None, log.read_text()
                 assert time.monotonic() < deadline, log.read_text()
                 time.sleep(0.2)
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(signum)
             code = proc.wait(timeout=120)
         finally:
             if proc.poll() is None:
@@ -126,7 +133,7 @@ def test_sigterm_closes_the_sweep_and_its_trials_as_killed_and_a_rerun_finishes(
     assert parents[0].info.status == "KILLED", log.read_text()
     for trial in children:
         assert trial.info.status == "KILLED" and trial.data.tags["outcome"] == "killed"
-        assert trial.data.tags["error"] == "terminated by SIGTERM"
+        assert trial.data.tags["error"] == error
 
     # The same command again reuses the parent, resumes from the checkpoints and finishes.
     rerun = sweep(tmp_path, *args)

@@ -308,8 +308,8 @@ class RetinaOptunaSweeper(Sweeper):
 
     def sweep(self, arguments: list[str]) -> Any:
         # SIGTERM (a scheduler's time limit, `kill`) closes the parent run as KILLED, as Ctrl-C
-        # does, instead of ending the process with the parent RUNNING; worker processes get it
-        # forwarded and a few seconds to record their trials (retina_sweep.signals).
+        # does, instead of ending the process with the parent RUNNING; worker processes get
+        # either signal forwarded and a few seconds to record their trials (retina_sweep.signals).
         from retina_sweep.signals import SWEEP_GRACE_S, terminate_as_interrupt
 
         with terminate_as_interrupt(grace_s=SWEEP_GRACE_S):
