@@ -11,6 +11,13 @@ import pytest
 from retina_sweep.signals import Terminated, terminate_as_interrupt
 
 
+def _signal_self(signum: int) -> None:
+    """Send `signum` to this process and give Python the bytecodes to run its handler on."""
+    os.kill(os.getpid(), signum)
+    for _ in range(10**6):
+        pass
+
+
 class Sentinel(Exception):
     pass
 
@@ -30,16 +37,12 @@ def sentinel_handler():
 def test_sigterm_raises_terminated_inside_and_the_old_handler_comes_back(sentinel_handler) -> None:
     with pytest.raises(Terminated, match="SIGTERM") as info:
         with terminate_as_interrupt():
-            os.kill(os.getpid(), signal.SIGTERM)
-            for _ in range(10**6):  # the handler runs between bytecodes
-                pass
+            _signal_self(signal.SIGTERM)
     # A KeyboardInterrupt: every `except KeyboardInterrupt` (trial, sweep) handles it as Ctrl-C.
     assert isinstance(info.value, KeyboardInterrupt)
     assert signal.getsignal(signal.SIGTERM) is _sentinel
     with pytest.raises(Sentinel):
-        os.kill(os.getpid(), signal.SIGTERM)
-        for _ in range(10**6):
-            pass
+        _signal_self(signal.SIGTERM)
 
 
 def test_the_handler_is_restored_after_a_normal_exit(sentinel_handler) -> None:
@@ -65,13 +68,9 @@ def test_a_second_sigterm_does_not_interrupt_the_cleanup(sentinel_handler) -> No
     cleaned = False
     with terminate_as_interrupt():
         try:
-            os.kill(os.getpid(), signal.SIGTERM)
-            for _ in range(10**6):
-                pass
+            _signal_self(signal.SIGTERM)
         except Terminated:
-            os.kill(os.getpid(), signal.SIGTERM)  # ignored: the run is being recorded
-            for _ in range(10**6):
-                pass
+            _signal_self(signal.SIGTERM)  # ignored: the run is being recorded
             cleaned = True
     assert cleaned
     assert signal.getsignal(signal.SIGTERM) is _sentinel
@@ -105,9 +104,7 @@ def test_with_grace_the_children_get_the_signal_and_time_to_record(
         assert ready.wait(30)
         with pytest.raises(Terminated):
             with terminate_as_interrupt(grace_s=2.0):
-                os.kill(os.getpid(), signal.SIGTERM)
-                for _ in range(10**6):
-                    pass
+                _signal_self(signal.SIGTERM)
         # Checked at once, before any join: the grace period itself let the child record.
         assert record.read_text() == "recorded"
     finally:
@@ -134,13 +131,9 @@ def test_sigint_raises_once_and_its_handler_comes_back(sigint_default) -> None:
     with pytest.raises(KeyboardInterrupt, match="interrupted by SIGINT") as info:
         with terminate_as_interrupt():
             try:
-                os.kill(os.getpid(), signal.SIGINT)
-                for _ in range(10**6):
-                    pass
+                _signal_self(signal.SIGINT)
             except KeyboardInterrupt:
-                os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C again while recording: ignored
-                for _ in range(10**6):
-                    pass
+                _signal_self(signal.SIGINT)  # Ctrl-C again while recording: ignored
                 recorded = True
                 raise
     assert recorded and not isinstance(info.value, Terminated)
@@ -154,9 +147,7 @@ def test_an_ignored_sigint_stays_ignored() -> None:
     try:
         with terminate_as_interrupt():
             assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
-            os.kill(os.getpid(), signal.SIGINT)
-            for _ in range(10**6):
-                pass
+            _signal_self(signal.SIGINT)
         assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, previous)

@@ -19,8 +19,12 @@ TESTS = Path(__file__).resolve().parent
 pytestmark = pytest.mark.slow
 
 
-def sweep(tmp_path: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [
+SWEEP_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def sweep_command(tmp_path: Path, *args: str) -> list[str]:
+    """`python -m retina_sweep <args>` at scale=smoke, everything under `tmp_path`."""
+    return [
         sys.executable,
         "-m",
         "retina_sweep",
@@ -31,8 +35,13 @@ def sweep(tmp_path: Path, *args: str, check: bool = True) -> subprocess.Complete
         f"data.cache_dir={tmp_path}/cache",
         f"hydra.searchpath=[file://{TESTS}/configs]",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+
+
+def sweep(tmp_path: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = sweep_command(tmp_path, *args)
+    proc = subprocess.run(
+        cmd, cwd=tmp_path, env=SWEEP_ENV, capture_output=True, text=True, timeout=600
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"sweep failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -85,7 +94,7 @@ def test_grid_sweep_parent_children_tags_and_resume(tmp_path: Path) -> None:
         ("parallel", signal.SIGINT, "interrupted by SIGINT"),  # `kill -INT` of the sweep alone
     ],
 )
-def test_sigterm_closes_the_sweep_and_its_trials_as_killed_and_a_rerun_finishes(
+def test_sigterm_or_sigint_closes_the_sweep_and_its_trials_as_killed_and_a_rerun_finishes(
     tmp_path: Path, launcher: str, signum: int, error: str
 ) -> None:
     # SIGTERM is what SLURM sends at a time limit and what `kill` sends. Python's default would
@@ -100,21 +109,12 @@ def test_sigterm_closes_the_sweep_and_its_trials_as_killed_and_a_rerun_finishes(
         "train.checkpoint_every=2",
     ]
     started = 2 if launcher == "parallel" else 1  # trials running when the signal comes
-    cmd = [
-        sys.executable,
-        "-m",
-        "retina_sweep",
-        *args,
-        "scale=smoke",
-        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
-        f"paths.root={tmp_path}/sweeps",
-        f"data.cache_dir={tmp_path}/cache",
-        f"hydra.searchpath=[file://{TESTS}/configs]",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = sweep_command(tmp_path, *args)
     log = tmp_path / "sweep.log"
     with log.open("w") as out:
-        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            cmd, cwd=tmp_path, env=SWEEP_ENV, stdout=out, stderr=subprocess.STDOUT
+        )
         try:
             # Wait for the first trial's first checkpoint: the trial is then well inside training.
             deadline = time.monotonic() + 300
