@@ -30,11 +30,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["SWEEP_GRACE_S", "Terminated", "terminate_as_interrupt"]
-
-# Seconds a sweep gives its worker processes to record their trials as killed: a trial's end is
-# a metrics flush and two small writes to the tracking store, well under a second on sqlite.
-SWEEP_GRACE_S = 5.0
+__all__ = ["Terminated", "check_grace", "terminate_as_interrupt"]
 
 
 class Terminated(KeyboardInterrupt):
@@ -54,6 +50,19 @@ def _forward_and_wait(signum: int, grace_s: float) -> None:
         time.sleep(grace_s)
 
 
+def check_grace(value: object, *, key: str) -> float:
+    """`value` as a grace period in seconds, or a `ValueError` naming the config `key`.
+
+    The sweepers' default (`hydra.sweeper.grace_s`: 5) is generous on a local sqlite store, where a
+    trial's end is a metrics flush and two small writes, well under a second; a tracking server or
+    a shared filesystem under load may need more. SLURM's own grace between SIGTERM and SIGKILL
+    (`KillWait`, 30 s by default) bounds it from above on a cluster.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        raise ValueError(f"{key} must be a number of seconds >= 0, got {value!r}")
+    return float(value)
+
+
 @contextmanager
 def terminate_as_interrupt(*, grace_s: float = 0.0) -> Iterator[None]:
     """Within the block, SIGTERM raises `Terminated` and SIGINT `KeyboardInterrupt`, once.
@@ -67,8 +76,7 @@ def terminate_as_interrupt(*, grace_s: float = 0.0) -> Iterator[None]:
     are restored after the block. Python delivers signals to the main thread only, so elsewhere
     (a trial run in a thread pool) this does nothing.
     """
-    if grace_s < 0:
-        raise ValueError(f"grace_s must be >= 0, got {grace_s}")
+    check_grace(grace_s, key="grace_s")
     if threading.current_thread() is not threading.main_thread():
         yield
         return

@@ -54,6 +54,7 @@ def study(tmp_path: Path, name: str = "standin") -> optuna.Study:
         ({"direction": "up"}, "direction"),
         ({"compute_budget": 0.5}, "compute_budget"),
         ({"compute_budget": "lots"}, "compute_budget"),
+        ({"grace_s": -1}, "grace_s"),
     ],
 )
 def test_unknown_names_are_clear_errors(kwargs: dict, key: str) -> None:

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from retina_sweep.signals import Terminated, terminate_as_interrupt
+from retina_sweep.signals import Terminated, check_grace, terminate_as_interrupt
 
 
 def _signal_self(signum: int) -> None:
@@ -117,6 +117,43 @@ def test_a_negative_grace_is_refused() -> None:
     with pytest.raises(ValueError, match="grace_s"):
         with terminate_as_interrupt(grace_s=-1):
             pass
+
+
+@pytest.mark.parametrize("value", [-0.5, float("nan"), "5", None, True])
+def test_check_grace_names_the_key_of_a_bad_value(value: object) -> None:
+    with pytest.raises(ValueError, match=r"^hydra\.sweeper\.grace_s must be a number"):
+        check_grace(value, key="hydra.sweeper.grace_s")
+
+
+def test_check_grace_takes_seconds_as_float() -> None:
+    assert check_grace(0, key="k") == 0.0 and isinstance(check_grace(30, key="k"), float)
+
+
+@pytest.mark.parametrize("sweeper", ["retina_grid", "optuna"])
+def test_the_sweepers_grace_comes_from_the_config(monkeypatch, sweeper: str) -> None:
+    # `hydra.sweeper.grace_s=...` reaches the handler the sweep installs, for either sweeper.
+    from helpers import compose_config
+    from hydra.utils import instantiate
+
+    import retina_sweep.signals as signals
+
+    overrides = ["hydra.sweeper.grace_s=12.5"]
+    if sweeper == "optuna":
+        overrides = ["+sweep=hpo", *overrides]
+    cfg = compose_config(overrides, hydra=True)
+    assert cfg.hydra.sweeper.grace_s == 12.5
+    built = instantiate(cfg.hydra.sweeper)
+    seen: list[float] = []
+    real = signals.terminate_as_interrupt
+
+    def spy(*, grace_s: float = 0.0):
+        seen.append(grace_s)
+        return real(grace_s=grace_s)
+
+    monkeypatch.setattr(signals, "terminate_as_interrupt", spy)
+    monkeypatch.setattr(built, "_sweep", lambda arguments: "swept")
+    assert built.sweep([]) == "swept"
+    assert seen == [12.5]
 
 
 @pytest.fixture

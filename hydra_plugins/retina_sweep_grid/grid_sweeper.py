@@ -34,11 +34,17 @@ class RetinaGridSweeperConf:
     _target_: str = "hydra_plugins.retina_sweep_grid.grid_sweeper.RetinaGridSweeper"
     # Trials handed to the launcher at once; null = the launcher's n_jobs (1 for the basic one).
     max_batch_size: Any = None
+    # Seconds worker processes get to record their trials as killed after SIGTERM or Ctrl-C
+    # reaches the sweep (retina_sweep.signals); raise it on a slow shared tracking store.
+    grace_s: float = 5.0
 
 
 class RetinaGridSweeper(Sweeper):
-    def __init__(self, max_batch_size: int | None = None) -> None:
+    def __init__(self, max_batch_size: int | None = None, grace_s: float = 5.0) -> None:
+        from retina_sweep.signals import check_grace
+
         self.max_batch_size = max_batch_size
+        self.grace_s = check_grace(grace_s, key="hydra.sweeper.grace_s")
         self.config: DictConfig | None = None
         self.launcher = None
         self.hydra_context: HydraContext | None = None
@@ -80,10 +86,11 @@ class RetinaGridSweeper(Sweeper):
     def sweep(self, arguments: list[str]) -> Any:
         # SIGTERM (a scheduler's time limit, `kill`) closes the parent run as KILLED, as Ctrl-C
         # does, instead of ending the process with the parent RUNNING; worker processes get
-        # either signal forwarded and a few seconds to record their trials (retina_sweep.signals).
-        from retina_sweep.signals import SWEEP_GRACE_S, terminate_as_interrupt
+        # either signal forwarded and `grace_s` seconds to record their trials
+        # (retina_sweep.signals).
+        from retina_sweep.signals import terminate_as_interrupt
 
-        with terminate_as_interrupt(grace_s=SWEEP_GRACE_S):
+        with terminate_as_interrupt(grace_s=self.grace_s):
             return self._sweep(arguments)
 
     def _sweep(self, arguments: list[str]) -> Any:

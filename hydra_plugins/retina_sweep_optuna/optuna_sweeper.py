@@ -67,6 +67,9 @@ class RetinaOptunaSweeperConf:
     pruner: str = "none"
     pruner_args: dict[str, Any] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)
+    # Seconds worker processes get to record their trials as killed after SIGTERM or Ctrl-C
+    # reaches the sweep (retina_sweep.signals); raise it on a slow shared tracking store.
+    grace_s: float = 5.0
 
 
 def build_sampler(name: str, seed: int, space: dict[str, Any], args: dict[str, Any] | None = None):
@@ -232,6 +235,8 @@ def to_distribution(override) -> Any:
 
 class RetinaOptunaSweeper(Sweeper):
     def __init__(self, **kwargs: Any) -> None:
+        from retina_sweep.signals import check_grace
+
         self.opts = RetinaOptunaSweeperConf(**kwargs)
         if self.opts.sampler not in SAMPLERS:
             raise ValueError(
@@ -249,6 +254,7 @@ class RetinaOptunaSweeper(Sweeper):
             )
         if int(self.opts.n_trials) < 1 or int(self.opts.n_jobs) < 1:
             raise ValueError("hydra.sweeper.n_trials and n_jobs must be >= 1")
+        self.opts.grace_s = check_grace(self.opts.grace_s, key="hydra.sweeper.grace_s")
         budget = self.opts.compute_budget
         if budget is not None and not (
             isinstance(budget, int | float) and not isinstance(budget, bool) and budget >= 1
@@ -309,10 +315,11 @@ class RetinaOptunaSweeper(Sweeper):
     def sweep(self, arguments: list[str]) -> Any:
         # SIGTERM (a scheduler's time limit, `kill`) closes the parent run as KILLED, as Ctrl-C
         # does, instead of ending the process with the parent RUNNING; worker processes get
-        # either signal forwarded and a few seconds to record their trials (retina_sweep.signals).
-        from retina_sweep.signals import SWEEP_GRACE_S, terminate_as_interrupt
+        # either signal forwarded and `grace_s` seconds to record their trials
+        # (retina_sweep.signals).
+        from retina_sweep.signals import terminate_as_interrupt
 
-        with terminate_as_interrupt(grace_s=SWEEP_GRACE_S):
+        with terminate_as_interrupt(grace_s=self.opts.grace_s):
             return self._sweep(arguments)
 
     def _sweep(self, arguments: list[str]) -> Any:
