@@ -80,8 +80,11 @@ def test_speed_preset_follows_the_scale() -> None:
     ("scale", "levels"),
     [
         ("paper", [(3, 7, "fpn"), (3, 5, "fpn"), (4, 7, "fpn"), (3, 7, "c5_only")]),
+        # the paper's rows are config.yaml's default: a scale that does not move them has them
+        ("smoke", [(3, 7, "fpn"), (3, 5, "fpn"), (4, 7, "fpn"), (3, 7, "c5_only")]),
         # half-size images: one level finer, so that the anchors stay 4x their stride
         ("proxy", [(2, 6, "fpn"), (2, 4, "fpn"), (3, 6, "fpn"), (2, 6, "c5_only")]),
+        ("proxy_long", [(2, 6, "fpn"), (2, 4, "fpn"), (3, 6, "fpn"), (2, 6, "c5_only")]),
     ],
 )
 def test_fpn_preset_levels_by_head_depth(scale: str, levels: list) -> None:
