@@ -30,7 +30,10 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["Terminated", "check_grace", "terminate_as_interrupt"]
+__all__ = ["SWEEP_GRACE_S", "Terminated", "check_grace", "terminate_as_interrupt"]
+
+# The sweepers' default for `hydra.sweeper.grace_s` (see `check_grace`).
+SWEEP_GRACE_S = 5.0
 
 
 class Terminated(KeyboardInterrupt):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 
 import pytest
@@ -150,7 +151,8 @@ def test_the_sweepers_grace_comes_from_the_config(monkeypatch, sweeper: str) -> 
         seen.append(grace_s)
         return real(grace_s=grace_s)
 
-    monkeypatch.setattr(signals, "terminate_as_interrupt", spy)
+    # The sweeper's module imported the function by name: spy on that name.
+    monkeypatch.setattr(sys.modules[type(built).__module__], "terminate_as_interrupt", spy)
     monkeypatch.setattr(built, "_sweep", lambda arguments: "swept")
     assert built.sweep([]) == "swept"
     assert seen == [12.5]

@@ -26,6 +26,9 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
+# Standard library only (no torch): cheap enough for Hydra's plugin discovery.
+from retina_sweep.signals import SWEEP_GRACE_S, check_grace, terminate_as_interrupt
+
 log = logging.getLogger(__name__)
 
 
@@ -36,13 +39,11 @@ class RetinaGridSweeperConf:
     max_batch_size: Any = None
     # Seconds worker processes get to record their trials as killed after SIGTERM or Ctrl-C
     # reaches the sweep (retina_sweep.signals); raise it on a slow shared tracking store.
-    grace_s: float = 5.0
+    grace_s: float = SWEEP_GRACE_S
 
 
 class RetinaGridSweeper(Sweeper):
-    def __init__(self, max_batch_size: int | None = None, grace_s: float = 5.0) -> None:
-        from retina_sweep.signals import check_grace
-
+    def __init__(self, max_batch_size: int | None = None, grace_s: float = SWEEP_GRACE_S) -> None:
         self.max_batch_size = max_batch_size
         self.grace_s = check_grace(grace_s, key="hydra.sweeper.grace_s")
         self.config: DictConfig | None = None
@@ -88,8 +89,6 @@ class RetinaGridSweeper(Sweeper):
         # does, instead of ending the process with the parent RUNNING; worker processes get
         # either signal forwarded and `grace_s` seconds to record their trials
         # (retina_sweep.signals).
-        from retina_sweep.signals import terminate_as_interrupt
-
         with terminate_as_interrupt(grace_s=self.grace_s):
             return self._sweep(arguments)
 

@@ -42,6 +42,9 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
+# Standard library only (no torch): cheap enough for Hydra's plugin discovery.
+from retina_sweep.signals import SWEEP_GRACE_S, check_grace, terminate_as_interrupt
+
 log = logging.getLogger(__name__)
 
 SAMPLERS = ("tpe", "random", "grid", "cmaes")
@@ -69,7 +72,7 @@ class RetinaOptunaSweeperConf:
     params: dict[str, Any] = field(default_factory=dict)
     # Seconds worker processes get to record their trials as killed after SIGTERM or Ctrl-C
     # reaches the sweep (retina_sweep.signals); raise it on a slow shared tracking store.
-    grace_s: float = 5.0
+    grace_s: float = SWEEP_GRACE_S
 
 
 def build_sampler(name: str, seed: int, space: dict[str, Any], args: dict[str, Any] | None = None):
@@ -235,8 +238,6 @@ def to_distribution(override) -> Any:
 
 class RetinaOptunaSweeper(Sweeper):
     def __init__(self, **kwargs: Any) -> None:
-        from retina_sweep.signals import check_grace
-
         self.opts = RetinaOptunaSweeperConf(**kwargs)
         if self.opts.sampler not in SAMPLERS:
             raise ValueError(
@@ -317,8 +318,6 @@ class RetinaOptunaSweeper(Sweeper):
         # does, instead of ending the process with the parent RUNNING; worker processes get
         # either signal forwarded and `grace_s` seconds to record their trials
         # (retina_sweep.signals).
-        from retina_sweep.signals import terminate_as_interrupt
-
         with terminate_as_interrupt(grace_s=self.opts.grace_s):
             return self._sweep(arguments)
 
