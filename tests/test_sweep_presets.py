@@ -125,6 +125,23 @@ def test_every_cell_of_every_preset_composes_validates_and_is_distinct(preset: s
     assert len(hashes) == len(cells)
 
 
+def test_a_grid_axis_overridden_on_the_command_line_runs_part_of_a_preset() -> None:
+    """`'sweep.grid={loss.gamma:[...]}'` replaces that axis and keeps the others (Hydra merges
+    the mapping), and each cell keeps the hash it has in the full preset, so a partial sweep
+    resumes against the full one's runs and the other way round (docs/usage.md)."""
+    part = "sweep.grid={loss.gamma:[0.5,2.0]}"
+    _, cells = cells_of("gamma", [part])
+    pairs = [(c.overrides["loss.gamma"], c.overrides["loss.alpha"]) for c in cells]
+    assert pairs == [(g, a) for g in (0.5, 2.0) for a in (0.25, 0.5, 0.75)]
+    _, full = cells_of("gamma")
+    full_hash = {
+        c.label: config_hash(compose_config(["+sweep=gamma", *c.override_list()])) for c in full
+    }
+    for cell in cells:
+        trial = compose_config(["+sweep=gamma", part, *cell.override_list()])
+        assert config_hash(trial) == full_hash[cell.label]
+
+
 def test_format_value_round_trips_through_hydra() -> None:
     trial = compose_config(
         [
