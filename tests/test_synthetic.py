@@ -131,6 +131,54 @@ def test_occluded_objects_become_crowd_or_are_dropped():
     assert crowd > 0 and keep > 0
 
 
+def test_box_noise_moves_each_edge_by_its_std_and_leaves_the_pixels_alone():
+    base = dict(image_size=(96, 128), objects_per_image=(3, 6), crowd_prob=0.3, truncation=0.0)
+    exact, noisy = SyntheticParams(**base), SyntheticParams(**base, box_noise=0.05)
+    rel = []  # (edge displacement) / (the side along its axis), unclipped edges only
+    crowds = 0
+    for i in range(60):
+        img0, anns0 = synthetic._render_image(np.random.default_rng([0, 1, i]), exact)
+        img1, anns1 = synthetic._render_image(np.random.default_rng([0, 1, i]), noisy)
+        # The noise is drawn after the image: the same pixels, the same objects.
+        np.testing.assert_array_equal(img0, img1)
+        assert [(a["category_id"], a["area"], a["iscrowd"]) for a in anns0] == [
+            (a["category_id"], a["area"], a["iscrowd"]) for a in anns1
+        ]
+        for a0, a1 in zip(anns0, anns1, strict=True):
+            if a0["iscrowd"]:  # an ignore region is not a box anyone aims at
+                assert a1["bbox"] == a0["bbox"]
+                crowds += 1
+                continue
+            x, y, w, h = a0["bbox"]
+            u, v, uw, vh = a1["bbox"]
+            assert uw >= 1 and vh >= 1 and u >= 0 and v >= 0 and u + uw <= 128 + 1e-6
+            for moved, side, lo, hi, limit in (
+                (u - x, w, u, u, 127),
+                (v - y, h, v, v, 95),
+                (u + uw - (x + w), w, u + uw, u + uw, 128),
+                (v + vh - (y + h), h, v + vh, v + vh, 96),
+            ):
+                if 0 < lo and hi < limit:  # not clipped by the image border
+                    rel.append(moved / side)
+    rel = np.asarray(rel)
+    assert crowds > 0 and len(rel) > 500
+    # n > 500 draws: the std's standard error is under 0.0016, the mean's under 0.0023.
+    assert abs(rel.std() - 0.05) < 0.006
+    assert abs(rel.mean()) < 0.008  # zero-mean: the boxes are not biased bigger or smaller
+
+
+def test_box_noise_zero_keeps_the_cache_key_of_the_datasets_made_before_it():
+    p = SyntheticParams(**TINY)
+    params = p.as_dict()
+    assert params["box_noise"] == 0.0
+    del params["box_noise"]
+    blob = json.dumps({"version": synthetic.GENERATOR_VERSION, "params": params}, sort_keys=True)
+    assert p.key() == hashlib.sha256(blob.encode()).hexdigest()[:16]
+    assert SyntheticParams(**TINY, box_noise=0.03).key() != p.key()
+    with pytest.raises(ValueError, match="synthetic.box_noise=0.5"):
+        SyntheticParams(**TINY, box_noise=0.5)
+
+
 def test_class_grid_needs_shape_and_colour():
     table = class_table(8, 2)
     assert len(set(table)) == 8
