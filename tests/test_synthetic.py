@@ -152,13 +152,13 @@ def test_box_noise_moves_each_edge_by_its_std_and_leaves_the_pixels_alone():
             x, y, w, h = a0["bbox"]
             u, v, uw, vh = a1["bbox"]
             assert uw >= 1 and vh >= 1 and u >= 0 and v >= 0 and u + uw <= 128 + 1e-6
-            for moved, side, lo, hi, limit in (
-                (u - x, w, u, u, 127),
-                (v - y, h, v, v, 95),
-                (u + uw - (x + w), w, u + uw, u + uw, 128),
-                (v + vh - (y + h), h, v + vh, v + vh, 96),
+            for moved, side, edge, limit in (
+                (u - x, w, u, 127),
+                (v - y, h, v, 95),
+                (u + uw - (x + w), w, u + uw, 128),
+                (v + vh - (y + h), h, v + vh, 96),
             ):
-                if 0 < lo and hi < limit:  # not clipped by the image border
+                if 0 < edge < limit:  # not clipped by the image border
                     rel.append(moved / side)
     rel = np.asarray(rel)
     assert crowds > 0 and len(rel) > 500
