@@ -10,3 +10,9 @@ if not OmegaConf.has_resolver("rs.or"):
     OmegaConf.register_new_resolver(
         "rs.or", lambda value, default: default if value is None else value
     )
+# `${rs.mul_int:${data.scale},2.0}`: a product rounded to an integer (the `speed` sweep's cap on
+# the longer side follows the swept shorter side).
+if not OmegaConf.has_resolver("rs.mul_int"):
+    OmegaConf.register_new_resolver(
+        "rs.mul_int", lambda value, factor: int(round(float(value) * float(factor)))
+    )

@@ -9,6 +9,7 @@ from helpers import compose_config
 from omegaconf import OmegaConf
 
 from retina_sweep.config import config_hash, validate
+from retina_sweep.data.transforms import resize_factor, resized_size
 from retina_sweep.sweep import expand_cells, format_value
 
 
@@ -74,6 +75,33 @@ def test_speed_preset_follows_the_scale() -> None:
     _, paper = cells_of("speed", ["scale=paper", "data=coco", "data.root=/x"])
     pairs = {(c.overrides["model.backbone.depth"], c.overrides["data.scale"]) for c in paper}
     assert pairs == {(d, s) for d in (50, 101) for s in (400, 500, 600, 700, 800)}
+
+
+@pytest.mark.parametrize(
+    ("extra", "image_hw"),
+    [
+        ([], (128, 256)),  # the proxy's 1:2 images
+        (["scale=paper", "data=coco", "data.root=/x"], (480, 640)),  # a typical COCO image
+        (["scale=paper", "data=coco", "data.root=/x"], (427, 640)),  # COCO's commonest size
+    ],
+)
+def test_speed_rows_are_not_capped_back_to_a_smaller_scale(extra: list, image_hw: tuple) -> None:
+    """The longer-side cap follows the swept scale (Detectron's 1000 at 600, 1333 at 800); with
+    the fixed 256 px cap the proxy's scale-160 row trained at 128, a duplicate of another row."""
+    _, cells = cells_of("speed", extra)
+    trained = set()
+    for cell in cells:
+        trial = compose_config(["+sweep=speed", *extra, *cell.override_list()])
+        scale, max_size = int(trial.data.scale), int(trial.data.max_size)
+        assert scale == cell.overrides["data.scale"]
+        factor = resize_factor(*image_hw, scale, max_size)
+        assert min(resized_size(*image_hw, factor)) == scale
+        trained.add((trial.model.backbone.depth, resized_size(*image_hw, factor)))
+    assert len(trained) == len(cells)
+    if extra:
+        paper = {c.overrides["data.scale"]: c for c in cells}
+        trial = compose_config(["+sweep=speed", *extra, *paper[800].override_list()])
+        assert trial.data.max_size == 1333
 
 
 @pytest.mark.parametrize(
