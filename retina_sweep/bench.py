@@ -4,18 +4,21 @@ Sections (all by default, or name some: `python -m retina_sweep.bench model stra
 
 - `model`: our RetinaNet against torchvision's `RetinaNet` with identical architecture and weights
   (`retina_sweep.torchvision_twin`), on the same inputs: training steps/s (forward, losses,
-  backward, SGD step) and inference images/s (forward + postprocess), at the proxy size
-  (ResNet-10, 64 channels, 128 px, batch 8) and at paper width (ResNet-50, 256 channels, 512 px).
+  backward, SGD step) and inference images/s (forward + postprocess), at a small size
+  (ResNet-10, 64 channels, 128 x 128 px, P3-P7, batch 8) and at paper width (ResNet-50, 256
+  channels, 512 px). Neither is the CPU proxy's exact model (2-conv GN heads on P2-P6 at
+  128 x 256, 4x the anchors): the twin settings are what both implementations share.
   Ours runs with the same settings as the oracle test (torchvision's anchors, L1, per-image
   normaliser) so both compute the same thing. The two are timed alternately, repeat after repeat,
   and the median is kept, so that a noisy neighbour hits both alike. On CPU it also prints a
   ceiling: 1 / the share of torchvision's step spent in convolutions (`conv_share`), the most a
   detector with the same convolutions could gain by making everything else free.
 - `strategies`: training-step time of each training strategy (focal, OHEM, OHEM 1:3, random
-  1:3) relative to focal loss, at the proxy size.
+  1:3) relative to focal loss, at the small size above (`build_retinanet`'s P3-P7 defaults).
 - `overhead`: per-run overhead of Hydra + MLflow: a `scale=smoke` run as a subprocess, its wall
   time minus the time spent in training and evaluation steps (logged by the trainer as
-  `time_train_s` / `time_eval_s`), and the same per trial inside a 4-trial sweep (one process).
+  `time_train_s` / `time_eval_s`), and the same per trial inside a 6-trial sweep (3 with
+  `--quick`; one process).
 
 `--write` appends the Markdown result, with date and machine, to docs/benchmarks.md.
 No test asserts any of these timings.
@@ -348,7 +351,7 @@ def to_markdown(results: dict) -> str:
         lines.append("")
     if "strategies" in results:
         lines += [
-            "Training step by strategy (proxy size: R10, 64 ch, 128 px, batch 8, 80 classes):",
+            "Training step by strategy (R10, 64 ch, 128 px, P3-P7, batch 8, 80 classes):",
             "",
             "| strategy | ms / step | vs focal |",
             "|---|---|---|",

@@ -86,6 +86,20 @@ def test_grid_sweep_parent_children_tags_and_resume(tmp_path: Path) -> None:
     assert len(children3) == 4
 
 
+def test_an_ad_hoc_grid_from_the_command_line_runs_as_the_readme_says(tmp_path: Path) -> None:
+    """README: `python -m retina_sweep -m loss.gamma=0,1,2`, no preset. Without `-m` Hydra
+    refuses the comma list, which the README once showed; with it, the grid sweeper crosses the
+    list, logs one parent and its children, and Hydra's folders land under `multirun/`."""
+    sweep(tmp_path, "-m", "loss.gamma=0,2")
+    _, parents, children = runs(tmp_path)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert sorted(float(c.data.params["loss.gamma"]) for c in children) == [0.0, 2.0]
+    assert all(c.info.status == "FINISHED" and "AP" in c.data.metrics for c in children)
+    (launch,) = (tmp_path / "sweeps" / "multirun").iterdir()
+    assert (launch / "multirun.yaml").is_file()
+    assert sorted(p.name for p in launch.iterdir() if p.is_dir()) == ["0", "1"]
+
+
 @pytest.mark.parametrize(
     ("launcher", "signum", "error"),
     [
