@@ -495,6 +495,7 @@ def build_retinanet(
         channels=head_channels,
         prior_prob=prior_prob,
         norm=head_norm,
+        num_levels=len(fpn.levels),
     )
     model = RetinaNet(
         backbone=backbone,
