@@ -308,12 +308,14 @@ def _select_from_pool(
     if nms_thresh < 1.0:
         img, slot = survive.nonzero(as_tuple=True)
         if img.numel() > 0:
-            cand_boxes = boxes.detach()[img, cand_idx[img, slot]].float()
+            cand_boxes = boxes.detach()[img, cand_idx[img, slot]].double()
             # batched_nms separates the groups by offsetting each by idx * (max coordinate + 1),
             # which assumes coordinates >= 0; predicted boxes may leave the image, so translate
             # them (IoU is translation invariant) to keep images from suppressing each other.
+            # float64, as in `grouped_nms`: an early, exploding box makes the offsets large
+            # enough to cost float32 the precision of the small boxes' IoU.
             cand_boxes = cand_boxes - cand_boxes.min()
-            keep = batched_nms(cand_boxes, cand_val[img, slot], img, nms_thresh)
+            keep = batched_nms(cand_boxes, cand_val[img, slot].double(), img, nms_thresh)
             survive = torch.zeros_like(survive)
             survive[img[keep], slot[keep]] = True
     surv_val = cand_val.masked_fill(~survive, neg_inf)

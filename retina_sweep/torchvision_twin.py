@@ -19,19 +19,14 @@ from torchvision.models.detection import RetinaNet as TVRetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator as TVAnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.retinanet import RetinaNetHead
-from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+from torchvision.models.resnet import ResNet
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
+from .model.backbone import DEPTHS
+
 __all__ = ["TWIN_SETTINGS", "build_torchvision_twin", "copy_weights_to_torchvision"]
 
-_BLOCKS = {
-    10: (BasicBlock, [1, 1, 1, 1]),
-    18: (BasicBlock, [2, 2, 2, 2]),
-    34: (BasicBlock, [3, 4, 6, 3]),
-    50: (Bottleneck, [3, 4, 6, 3]),
-    101: (Bottleneck, [3, 4, 23, 3]),
-}
 
 # Our `build_retinanet` arguments that reproduce torchvision's choices (see docs/model.md).
 TWIN_SETTINGS: dict[str, Any] = dict(
@@ -56,7 +51,7 @@ def build_torchvision_twin(
     detections_per_img: int = 100,
 ) -> TVRetinaNet:
     """torchvision's RetinaNet with our architecture at `TWIN_SETTINGS` (P3-P7, 4-conv head)."""
-    block, layers = _BLOCKS[depth]
+    block, layers = DEPTHS[depth]  # the block tables are torchvision's own
     body = ResNet(block, layers, norm_layer=FrozenBatchNorm2d)
     c3 = 128 * block.expansion
     backbone = BackboneWithFPN(

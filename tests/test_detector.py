@@ -164,6 +164,17 @@ def test_normalizers():
     model.eval()(images)  # inference does not move the average
     torch.testing.assert_close(model.loss_normalizer, 0.9 * first + 0.1 * fg.sum())
 
+    # A batch without a single foreground anchor divides by 1, never by 0 or by a fraction
+    # (the clamp at 1 of the count, and of the count fed into the average).
+    empty = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}] * 3
+    for name, want in [("num_fg", 1.0), ("per_image", 3.0), ("ema", 0.9 * 100 + 0.1 * 1)]:
+        model = _model(strategy=rec, normalizer=name).train()
+        model(images, empty)
+        assert (rec.calls[-1]["anchor_state"] == 1).sum() == 0
+        got = rec.calls[-1]["normalizer"]
+        assert got.shape == ((3,) if name == "per_image" else ())
+        torch.testing.assert_close(got, torch.full_like(got, want))
+
 
 def test_focal_strategy_normalisation():
     g = torch.Generator().manual_seed(0)
@@ -338,6 +349,18 @@ def test_c5_only_detector():
     model.eval()
     with torch.no_grad():
         assert len(model(_images(1))) == 1
+
+
+@pytest.mark.parametrize(("variant", "levels"), [("fpn", 5), ("c5_only", 1)])
+def test_builder_gives_a_bn_head_one_norm_per_level_it_is_called_on(variant, levels):
+    model = _model(head_norm="BN", fpn_variant=variant)
+    assert model.head.num_levels == levels == len(model.fpn.levels)
+    assert len(model.head.cls_subnet[1].norms) == levels
+    model.train()
+    losses = model(torch.randn(3, 3, 64, 64), _targets())
+    assert torch.isfinite(losses["loss_cls"]) and torch.isfinite(losses["loss_box"])
+    bns = model.head.bbox_subnet[1].norms
+    assert all(int(bn.num_batches_tracked) == 1 for bn in bns)  # every level's BN trained once
 
 
 def test_builder_attributes():

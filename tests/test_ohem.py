@@ -107,7 +107,8 @@ def test_per_anchor_ce_is_unweighted_bce_summed_over_classes() -> None:
 
 
 def test_per_anchor_ce_matches_focal_loss_with_gamma_0_and_no_alpha() -> None:
-    losses = pytest.importorskip("retina_sweep.losses")
+    from retina_sweep import losses
+
     b = make_batch(n=1, a=20, k=3)
     fl = losses.sigmoid_focal_loss(b["cls_logits"], b["cls_targets"], alpha=-1, gamma=0.0)
     torch.testing.assert_close(per_anchor_ce(b["cls_logits"], b["cls_targets"]), fl.sum(-1))
