@@ -3,18 +3,18 @@
 Sections (all by default, or name some: `python -m retina_sweep.bench model strategies`):
 
 - `model`: our RetinaNet against torchvision's `RetinaNet` with identical architecture and weights
-  (`retina_sweep.torchvision_twin`), on the same inputs: training steps/s (forward, losses,
-  backward, SGD step) and inference images/s (forward + postprocess), at a small size
-  (ResNet-10, 64 channels, 128 x 128 px, P3-P7, batch 8) and at paper width (ResNet-50, 256
-  channels, 512 px). Neither is the CPU proxy's exact model (2-conv GN heads on P2-P6 at
-  128 x 256, 4x the anchors): the twin settings are what both implementations share.
-  Ours runs with the same settings as the oracle test (torchvision's anchors, L1, per-image
+  (`retina_sweep.torchvision_twin`), on the same inputs, in float32: training steps/s (forward,
+  losses, backward, SGD step) and inference images/s (forward + postprocess), at three settings:
+  the CPU proxy's model (`PROXY_TWIN`: ResNet-10, 64 channels, P2-P6, 2-conv GN heads, stem and
+  res2 frozen, 128 x 256 px, batch 8, 8 classes), a small square one on torchvision's own
+  geometry (P3-P7, 4-conv heads, 128 px, 80 classes) and paper width (ResNet-50, 256 channels,
+  512 px). Ours runs with the oracle test's settings (torchvision's anchors, L1, per-image
   normaliser) so both compute the same thing. The two are timed alternately, repeat after repeat,
   and the median is kept, so that a noisy neighbour hits both alike. On CPU it also prints a
   ceiling: 1 / the share of torchvision's step spent in convolutions (`conv_share`), the most a
   detector with the same convolutions could gain by making everything else free.
 - `strategies`: training-step time of each training strategy (focal, OHEM, OHEM 1:3, random
-  1:3) relative to focal loss, at the small size above (`build_retinanet`'s P3-P7 defaults).
+  1:3) relative to focal loss, on the proxy's model (as above, with the paper's anchors).
 - `overhead`: per-run overhead of Hydra + MLflow: a `scale=smoke` run as a subprocess, its wall
   time minus the time spent in training and evaluation steps (logged by the trainer as
   `time_train_s` / `time_eval_s`), and the same per trial inside a 6-trial sweep (3 with
@@ -80,40 +80,52 @@ def time_alternating(fns: dict[str, Callable[[], None]], *, repeats: int, warmup
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
-def _inputs(n: int, size: int, num_classes: int, device: torch.device, seed: int = 0):
+def _inputs(
+    n: int, hw: int | tuple[int, int], num_classes: int, device: torch.device, seed: int = 0
+):
+    h, w = (hw, hw) if isinstance(hw, int) else hw
     g = torch.Generator().manual_seed(seed)
-    images = torch.rand(n, 3, size, size, generator=g)
+    images = torch.rand(n, 3, h, w, generator=g)
+    wh_max = torch.tensor([w, h], dtype=torch.float32)
     targets = []
     for _ in range(n):
         count = int(torch.randint(2, 8, (1,), generator=g))
-        xy = torch.rand(count, 2, generator=g) * size * 0.7
-        wh = size * (0.05 + torch.rand(count, 2, generator=g) * 0.25)
-        boxes = torch.cat([xy, (xy + wh).clamp(max=size - 1)], dim=1)
+        xy = torch.rand(count, 2, generator=g) * wh_max * 0.7
+        wh = min(h, w) * (0.05 + torch.rand(count, 2, generator=g) * 0.25)
+        boxes = torch.cat([xy, torch.minimum(xy + wh, wh_max - 1)], dim=1)
         labels = torch.randint(0, num_classes, (count,), generator=g)
         targets.append({"boxes": boxes.to(device), "labels": labels.to(device)})
     return images.to(device), targets
 
 
-def _pair(depth: int, channels: int, size: int, num_classes: int, device: torch.device):
+def _pair(
+    depth: int,
+    channels: int,
+    hw: int | tuple[int, int],
+    num_classes: int,
+    device: torch.device,
+    settings: dict,
+):
     from .model import build_retinanet
     from .sampling import FocalStrategy
-    from .torchvision_twin import (
-        TWIN_SETTINGS,
-        build_torchvision_twin,
-        copy_weights_to_torchvision,
-    )
+    from .torchvision_twin import build_torchvision_twin, copy_weights_to_torchvision
 
     torch.manual_seed(0)
     ours = build_retinanet(
-        **TWIN_SETTINGS,
+        **settings,
         num_classes=num_classes,
         depth=depth,
         fpn_channels=channels,
         head_channels=channels,
         strategy=FocalStrategy(alpha=0.25, gamma=2.0),
     ).to(device)
+    geometry = ("min_level", "max_level", "base_size", "head_convs", "head_norm", "freeze_at")
     theirs = build_torchvision_twin(
-        depth=depth, num_classes=num_classes, channels=channels, image_size=size
+        depth=depth,
+        num_classes=num_classes,
+        channels=channels,
+        image_size=hw,
+        **{k: settings[k] for k in geometry if k in settings},
     ).to(device)
     copy_weights_to_torchvision(ours, theirs)
     return ours, theirs
@@ -137,11 +149,18 @@ def conv_share(fn: Callable[[], None]) -> float:
 
 
 def _bench_pair(
-    depth: int, channels: int, size: int, batch: int, *, repeats: int, device: torch.device
+    depth: int,
+    channels: int,
+    hw: int | tuple[int, int],
+    batch: int,
+    *,
+    repeats: int,
+    device: torch.device,
+    settings: dict,
+    num_classes: int = 80,
 ) -> dict[str, float]:
-    num_classes = 80
-    ours, theirs = _pair(depth, channels, size, num_classes, device)
-    images, targets = _inputs(batch, size, num_classes, device)
+    ours, theirs = _pair(depth, channels, hw, num_classes, device, settings)
+    images, targets = _inputs(batch, hw, num_classes, device)
     image_list = list(images)
     opt_a = torch.optim.SGD(ours.parameters(), lr=1e-4, momentum=0.9)
     opt_b = torch.optim.SGD(theirs.parameters(), lr=1e-4, momentum=0.9)
@@ -189,12 +208,31 @@ def _bench_pair(
 
 
 def bench_model(*, quick: bool, device: torch.device) -> list[dict]:
+    from .torchvision_twin import PROXY_TWIN, TWIN_SETTINGS
+
     rows = []
-    settings = [("proxy", 10, 64, 128, 8), ("paper width", 50, 256, 512, 2)]
-    for label, depth, channels, size, batch in settings:
+    cases = [
+        # The CPU proxy's geometry (scale=proxy): what a default trial trains.
+        ("proxy", PROXY_TWIN, 10, 64, (128, 256), 8, 8, "P2-P6, 2-conv GN heads, stem+res2 frozen"),
+        ("small", TWIN_SETTINGS, 10, 64, 128, 8, 80, "P3-P7, 4-conv heads"),
+        ("paper width", TWIN_SETTINGS, 50, 256, 512, 2, 80, "P3-P7, 4-conv heads"),
+    ]
+    for label, settings, depth, channels, hw, batch, classes, arch in cases:
         repeats = 3 if quick else (15 if depth == 10 else 5)
-        row = _bench_pair(depth, channels, size, batch, repeats=repeats, device=device)
-        row["setting"] = f"{label}: R{depth}, {channels} ch, {size} px, batch {batch}"
+        row = _bench_pair(
+            depth,
+            channels,
+            hw,
+            batch,
+            repeats=repeats,
+            device=device,
+            settings=settings,
+            num_classes=classes,
+        )
+        px = f"{hw[0]} x {hw[1]}" if isinstance(hw, tuple) else f"{hw}"
+        row["setting"] = (
+            f"{label}: R{depth}, {channels} ch, {arch}, {px} px, batch {batch}, {classes} classes"
+        )
         rows.append(row)
     return rows
 
@@ -210,16 +248,20 @@ def bench_strategies(*, quick: bool, device: torch.device) -> list[dict]:
         "ohem_1to3 256 / 0.5": dict(name="ohem_1to3", batch_size=256, nms_thresh=0.5),
         "random_1to3 256": dict(name="random_1to3", batch_size=256),
     }
-    size, batch, num_classes = 128, 8, 80
-    images, targets = _inputs(batch, size, num_classes, device)
+    # The proxy's model (scale=proxy), where the `ohem` sweep pays for the strategies.
+    hw, batch, num_classes = (128, 256), 8, 8
+    images, targets = _inputs(batch, hw, num_classes, device)
     models, fns = {}, {}
     for label, params in strategies.items():
         torch.manual_seed(0)
         model = build_retinanet(
             num_classes=num_classes,
             depth=10,
-            freeze_at=0,
-            backbone_norm="bn",
+            freeze_at=2,
+            backbone_norm="frozen_bn",
+            min_level=2,
+            max_level=6,
+            base_size=32,
             fpn_channels=64,
             head_channels=64,
             head_convs=2,
@@ -327,8 +369,8 @@ def to_markdown(results: dict) -> str:
     ]
     if "model" in results:
         lines += [
-            "Ours vs torchvision's RetinaNet, identical architecture and weights, same inputs "
-            "(80 classes); ratio > 1 means ours is faster:",
+            "Ours vs torchvision's RetinaNet, identical architecture and weights, same inputs, "
+            "float32; ratio > 1 means ours is faster:",
             "",
             "| setting | train steps/s ours | torchvision | ratio | ceiling "
             "| infer img/s ours | torchvision | ratio | ceiling |",
@@ -351,7 +393,8 @@ def to_markdown(results: dict) -> str:
         lines.append("")
     if "strategies" in results:
         lines += [
-            "Training step by strategy (R10, 64 ch, 128 px, P3-P7, batch 8, 80 classes):",
+            "Training step by strategy (the proxy's model: R10, 64 ch, P2-P6, 2-conv GN heads, "
+            "128 x 256 px, batch 8, 8 classes, float32):",
             "",
             "| strategy | ms / step | vs focal |",
             "|---|---|---|",
