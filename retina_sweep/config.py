@@ -7,16 +7,22 @@ weight is built. The rules are data (`RULES`), so a new key needs one line, not 
 `config_hash(cfg)` is the identity of a trial: the hash of everything that changes what is
 trained and how it is evaluated (model, loss, data, train, seed). Runtime knobs that do not change
 the result (worker counts, progress bars, tracking, sweep bookkeeping) are left out, so the same
-experiment launched from a sweep, by hand or on another machine has the same hash.
+experiment launched from a sweep, by hand or on another machine has the same hash. For that
+reason a COCO dataset enters the identity by the content of its annotation files (their
+SHA-256), not by `data.root`: the same COCO mounted elsewhere is the same experiment, and another
+dataset under the same keys is not (it would otherwise resume another dataset's checkpoint and
+skip as "finished" against another dataset's run).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -57,6 +63,12 @@ def _int(lo: int = -(2**62), hi: int = 2**62):
         return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
 
     return check
+
+
+def _bool(v: Any) -> bool:
+    # YAML and Hydra give real booleans for true/false; a string such as `off` or `no` from the
+    # command line would otherwise count as true in an `if`.
+    return isinstance(v, bool)
 
 
 def _one_of(*values: Any):
@@ -149,11 +161,18 @@ RULES: list[Rule] = [
     Rule("train.clip_grad_norm", _num(0, lo_open=True), "a number > 0, or null", True),
     Rule("train.devices", _int(1), "an integer >= 1"),
     Rule("train.num_workers", _int(0), "an integer >= 0"),
-    Rule("train.amp", lambda v: isinstance(v, bool), "true or false", True),
+    Rule("train.amp", _bool, "true or false", True),
     Rule(
         "train.cpu_amp", lambda v: isinstance(v, bool) or v == "auto", "true, false or auto", True
     ),
     Rule("train.eval_every", _int(0), "an integer >= 0 (0 = final evaluation only)"),
+    Rule("train.eval_max_images", _int(1), "an integer >= 1, or null for every image", True),
+    Rule("train.threads", _int(1), "an integer >= 1, or null for torch's default", True),
+    Rule("train.max_nonfinite", _int(0), "an integer >= 0", True),
+    Rule("train.progress", _bool, "true or false", True),
+    Rule("model.anchors.truncate", _bool, "true or false", True),
+    Rule("model.matcher.allow_low_quality", _bool, "true or false", True),
+    Rule("data.skip_empty", _bool, "true or false", True),
     Rule("train.checkpoint_every", _int(0), "an integer >= 0 (0 = only at the end)"),
     Rule("sweep.seeds", _int(1), "an integer >= 1"),
 ]
@@ -231,6 +250,18 @@ def validate(cfg: DictConfig, rules: Iterable[Rule] = RULES) -> None:
             "backbone exists only for data=synthetic; use a checkpoint path or a torchvision "
             "weights name (IMAGENET1K_V1)"
         )
+    synthetic = _get(cfg, "data.synthetic")
+    if _get(cfg, "data.kind") == "synthetic" and isinstance(synthetic, dict):
+        # The generator's own checks, before the run opens or anything is drawn, with the keys
+        # spelled as on the command line.
+        from .data.synthetic import SyntheticParams
+
+        try:
+            SyntheticParams(**synthetic)
+        except TypeError as exc:
+            raise ConfigError(f"invalid config key under data.synthetic: {exc}") from None
+        except ValueError as exc:
+            raise ConfigError(f"invalid config value data.{exc}") from None
     if _get(cfg, "data.kind") == "coco" and not _get(cfg, "data.root"):
         raise ConfigError(
             "missing config key data.root: data=coco needs the COCO root folder "
@@ -253,6 +284,40 @@ HASH_EXCLUDE = (
 HASH_SECTIONS = ("model", "loss", "data", "train", "seed")
 
 
+@functools.lru_cache(maxsize=64)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    # Keyed by size and mtime too, so a rewritten file is hashed again; COCO's train annotations
+    # (~450 MB) take about a second, once per process.
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def annotation_fingerprint(path: str | Path) -> str:
+    """16 hex digits of the SHA-256 of an annotation file, or `missing` if it is not there (a
+    missing dataset has no finished run to match; the trial stops on it with its own message)."""
+    path = Path(path).expanduser()
+    try:
+        st = path.stat()
+    except OSError:
+        return "missing"
+    return _file_sha256(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+def _coco_fingerprint(data: dict[str, Any]) -> dict[str, str]:
+    from .data.coco import COCO_SPLITS
+
+    out = {}
+    for split_key in ("train_split", "val_split"):
+        split = data.get(split_key)
+        if data.get("root") and split in COCO_SPLITS:
+            ann = Path(str(data["root"])).expanduser() / "annotations" / COCO_SPLITS[split][0]
+            out[split_key] = annotation_fingerprint(ann)
+    return out
+
+
 def identity_dict(cfg: DictConfig) -> dict[str, Any]:
     """The resolved part of `cfg` that defines a trial (see module docstring)."""
     out: dict[str, Any] = {}
@@ -261,6 +326,10 @@ def identity_dict(cfg: DictConfig) -> dict[str, Any]:
         if isinstance(value, DictConfig | ListConfig):
             value = OmegaConf.to_container(value, resolve=True)
         out[section] = value
+    data = out.get("data")
+    if isinstance(data, dict) and data.get("kind") == "coco":
+        # The dataset by content, not by where it is mounted (`data.root` is excluded below).
+        data["annotations_sha256"] = _coco_fingerprint(data)
     backbone = (out.get("model") or {}).get("backbone")
     if isinstance(backbone, dict):
         if backbone.get("pretrained") == "synthetic":

@@ -199,6 +199,20 @@ def prepare(cfg: DictConfig) -> None:
         generate(cfg.data.get("cache_dir"), **OmegaConf.to_container(cfg.data.synthetic))
         if cfg.model.backbone.get("pretrained") == "synthetic":
             synthetic_backbone(cfg)
+    else:
+        # Once for the sweep: a wrong COCO root stops it here with the missing path named,
+        # instead of failing every trial the same way.
+        check_data_files(cfg)
+
+
+def check_data_files(cfg: DictConfig) -> None:
+    """Raise `MissingDataError` naming the first missing COCO folder or annotation file of the
+    two splits (a cheap stat of each, before any run is opened or any weight built)."""
+    if cfg.data.kind == "coco":
+        from .data.coco import coco_paths
+
+        coco_paths(cfg.data.root, cfg.data.train_split)
+        coco_paths(cfg.data.root, cfg.data.val_split)
 
 
 def build_pruner(cfg: DictConfig) -> Any | None:
@@ -462,6 +476,7 @@ def run(cfg: DictConfig) -> float:
     processes by `retina_sweep.distributed.launch`.
     """
     validate(cfg)
+    check_data_files(cfg)
     if int(cfg.train.devices) > 1 and "LOCAL_RANK" not in os.environ:
         from .distributed import launch
 

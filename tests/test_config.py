@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 from helpers import compose_config
 from hydra.utils import instantiate
@@ -69,6 +72,20 @@ BAD = [
     ("model.matcher.bg_iou=0.6", "model.matcher.bg_iou"),
     ("train.cpu_amp=bf16", "train.cpu_amp"),
     ("train.amp=1", "train.amp"),
+    # Strings are true in an `if`: `off` would have switched to torchvision's truncated anchors.
+    ("model.anchors.truncate=off", "model.anchors.truncate"),
+    ("model.matcher.allow_low_quality=maybe", "model.matcher.allow_low_quality"),
+    ("data.skip_empty=no", "data.skip_empty"),
+    ("train.progress=maybe", "train.progress"),
+    # Keys that used to fail only once training was under way, without their name.
+    ("train.threads=-1", "train.threads"),
+    ("train.eval_max_images=0", "train.eval_max_images"),
+    ("train.max_nonfinite=-1", "train.max_nonfinite"),
+    # The generator's checks, run by validate() with the key as the command line spells it.
+    ("data.synthetic.num_train=0", "data.synthetic.num_train"),
+    ("data.synthetic.max_object_size=-5", "data.synthetic.max_object_size"),
+    ("+data.synthetic.box_noise=0.5", "data.synthetic.box_noise"),
+    ("+data.synthetic.nosuchkey=1", "data.synthetic"),
 ]
 
 
@@ -114,3 +131,31 @@ def test_hash_ignores_runtime_keys_but_not_the_experiment() -> None:
     assert config_hash(compose_config(["seed=1"])) != base
     # 3 and 3.0 are the same experiment
     assert config_hash(compose_config(["model.anchors.base_size=32.0"])) == base
+
+
+def _coco_root(root: Path, categories: int) -> Path:
+    (root / "annotations").mkdir(parents=True)
+    for name in ("instances_train2017.json", "instances_val2017.json"):
+        cats = [{"id": i + 1, "name": f"c{i}"} for i in range(categories)]
+        text = json.dumps({"images": [], "annotations": [], "categories": cats})
+        (root / "annotations" / name).write_text(text)
+    return root
+
+
+def test_a_coco_dataset_is_identified_by_its_annotations_not_by_its_root(tmp_path: Path) -> None:
+    """data.root stays out of the hash (the same COCO on another mount is the same experiment),
+    so the annotation files' content stands in for it: another dataset under the same keys used
+    to resume the first one's checkpoint and skip as finished against its runs."""
+
+    def hash_of(root: Path) -> str:
+        cfg = compose_config(["data=coco", "scale=paper", f"data.root={root}"])
+        return config_hash(cfg)
+
+    a = hash_of(_coco_root(tmp_path / "a", 3))
+    assert hash_of(_coco_root(tmp_path / "copy_of_a" / "elsewhere", 3)) == a  # moved: same
+    assert hash_of(_coco_root(tmp_path / "b", 4)) != a  # another dataset: another experiment
+    assert hash_of(tmp_path / "absent") != a
+    # Rewriting a file in place (new size, new mtime) is seen too.
+    ann = tmp_path / "a" / "annotations" / "instances_val2017.json"
+    ann.write_text(ann.read_text().replace('"c0"', '"renamed"'))
+    assert hash_of(tmp_path / "a") != a

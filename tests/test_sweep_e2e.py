@@ -176,7 +176,22 @@ def test_listed_rows_run_exactly_and_a_failure_does_not_stop_the_sweep(tmp_path:
     failed = [c for c in children if c.info.status == "FAILED"][0]
     assert "nonexistent" in failed.data.tags["error"]
     assert parents[0].data.metrics["n_failed"] == 1
-    assert "FAILED" in out.stdout
+    assert parents[0].info.status == "FINISHED"  # two of its trials finished
+    # The sweep went on, but its exit status says that a trial failed.
+    assert out.returncode == 1 and "1 of 3 trials FAILED" in out.stdout
+
+
+def test_a_sweep_on_a_missing_coco_root_stops_before_any_trial(tmp_path: Path) -> None:
+    """One message naming the folder, before the parent run or any trial: it used to launch
+    every trial into the same MissingDataError and exit 0."""
+    args = ["-m", "data=coco", f"data.root={tmp_path}/no_coco", "data.num_classes=8"]
+    cmd = [a for a in sweep_command(tmp_path, *args, "loss.gamma=0,1") if "cache_dir" not in a]
+    out = subprocess.run(
+        cmd, cwd=tmp_path, env=SWEEP_ENV, capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode != 0
+    assert f"COCO root {tmp_path}/no_coco does not exist" in out.stderr
+    assert not (tmp_path / "mlflow.db").exists() or runs(tmp_path)[2] == []
 
 
 def test_trials_in_parallel_all_land(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ Compared with Hydra's basic sweeper it
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,25 +118,34 @@ class RetinaGridSweeper(Sweeper):
         # Compose and validate every cell first: a bad value stops the sweep before any training.
         loader = self.hydra_context.config_loader
         trial_cfgs = []
-        for cell in cells:
-            trial_cfg = loader.load_sweep_config(
-                master_config=cfg, sweep_overrides=fixed + cell.override_list()
-            )
-            validate(trial_cfg)
-            cell.config_hash = config_hash(trial_cfg)
-            trial_cfgs.append(trial_cfg)
-
-        # Shared resources (synthetic data, pretrained backbone) once, before parallel trials.
+        from retina_sweep.config import ConfigError
+        from retina_sweep.data.coco import DatasetError
         from retina_sweep.train import prepare
 
-        prepared: set[str] = set()
-        for trial_cfg in trial_cfgs:
-            key = repr(OmegaConf.to_container(trial_cfg.data, resolve=True)) + repr(
-                OmegaConf.to_container(trial_cfg.model.backbone, resolve=True)
-            )
-            if key not in prepared:
-                prepared.add(key)
-                prepare(trial_cfg)
+        try:
+            for cell in cells:
+                trial_cfg = loader.load_sweep_config(
+                    master_config=cfg, sweep_overrides=fixed + cell.override_list()
+                )
+                validate(trial_cfg)
+                cell.config_hash = config_hash(trial_cfg)
+                trial_cfgs.append(trial_cfg)
+
+            # Shared resources (synthetic data, pretrained backbone) once, before parallel trials.
+            prepared: set[str] = set()
+            for trial_cfg in trial_cfgs:
+                key = repr(OmegaConf.to_container(trial_cfg.data, resolve=True)) + repr(
+                    OmegaConf.to_container(trial_cfg.model.backbone, resolve=True)
+                )
+                if key not in prepared:
+                    prepared.add(key)
+                    prepare(trial_cfg)
+        except (ConfigError, DatasetError) as exc:
+            # Nothing has been launched or logged yet: one line naming the key or the file, and
+            # exit status 2 (a bad command line), not a traceback.
+            name = spec.name or "multirun"
+            print(f"[{name}] stopped before any trial: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
 
         sweep_dir = Path(cfg.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -191,6 +201,7 @@ class RetinaGridSweeper(Sweeper):
         progress = Progress(len(todo), name=name, batch=batch_size)
         returns: list[list[JobReturn]] = []
         status = "FINISHED"
+        failed = 0
         try:
             for start in range(0, len(todo), batch_size):
                 chunk = todo[start : start + batch_size]
@@ -207,9 +218,12 @@ class RetinaGridSweeper(Sweeper):
                         value, state = result.return_value, "done"
                     else:
                         value, state = None, "FAILED"
+                        failed += 1
                         log.error("trial %s failed: %r", cell.label, result._return_value)
                     progress.update(f"{cell.label} seed={cell.seed}", _as_float(value), state)
                 returns.append(list(results))
+            if todo and failed == len(todo):
+                status = "FAILED"  # nothing of the sweep's own work finished
         except KeyboardInterrupt:
             status = "KILLED"
             raise
@@ -217,6 +231,14 @@ class RetinaGridSweeper(Sweeper):
             if parent is not None:
                 summary = parent.close(status=status)
                 print(f"[{name}] MLflow parent run {parent.run_id}: {summary}")
+        if failed:
+            # The sweep went on past them (the finished trials are kept), but a script or a
+            # cluster job must see that something failed: exit 1, as a test runner does.
+            print(
+                f"[{name}] {failed} of {len(todo)} trials FAILED; each MLflow run has the error in "
+                "its `error` tag. Running the same command again retries only them."
+            )
+            raise SystemExit(1)
         return returns
 
 
