@@ -76,7 +76,7 @@ class Datasets:
 
 def build_datasets(data: Mapping[str, Any], *, max_level: int) -> Datasets:
     """Train and val `CocoDetection` for `data.kind` synthetic (generated, cached) or coco."""
-    from .data.coco import CocoDetection, coco_paths
+    from .data.coco import CocoDetection, DatasetError, coco_paths
 
     kind = data["kind"]
     if kind == "synthetic":
@@ -113,6 +113,16 @@ def build_datasets(data: Mapping[str, Any], *, max_level: int) -> Datasets:
         raise ValueError(
             f"data.num_classes={data['num_classes']} but {train_paths[0]} has "
             f"{train.num_classes} categories: set data.num_classes={train.num_classes}"
+        )
+    if val.label_to_cat_id != train.label_to_cat_id:
+        # Labels are indices into the sorted category ids of each file: any difference would
+        # mislabel the evaluation (or index past the last class), so it is an error.
+        train_ids, val_ids = set(train.cat_id_to_label), set(val.cat_id_to_label)
+        raise DatasetError(
+            f"the categories of the val annotation file {val_paths[0]} differ from those of the "
+            f"train annotation file {train_paths[0]} ({val.num_classes} vs {train.num_classes}): "
+            f"ids only in train {sorted(train_ids - val_ids)}, "
+            f"only in val {sorted(val_ids - train_ids)}; both splits must list the same categories"
         )
     return Datasets(train, val, train.num_classes, 2**max_level)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from retina_sweep.builders import build_datasets
 from retina_sweep.data.coco import (
     CocoDetection,
     DatasetError,
@@ -238,6 +240,131 @@ def test_image_size_mismatch_named(tiny):
         _ds(tiny)[1]
 
 
+def _malformed(tmp_path, edit):
+    """The tiny dataset's annotation file after `edit(data)`; returns (ann_file, img_dir)."""
+    ann_file, img_dir = _write_dataset(tmp_path, anns=copy.deepcopy(ANNS))
+    data = json.loads(ann_file.read_text())
+    edit(data)
+    ann_file.write_text(json.dumps(data))
+    return ann_file, img_dir
+
+
+def _drop(key, index, field):
+    return lambda data: data[key][index].pop(field)
+
+
+def _set(key, index, field, value):
+    return lambda data: data[key][index].__setitem__(field, value)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        # pycocotools' createIndex would raise a bare KeyError / TypeError on these
+        (_drop("annotations", 2, "id"), r"annotations\[2\] has no 'id'"),
+        (_drop("annotations", 4, "image_id"), r"annotations\[4\] \(id 5\) has no 'image_id'"),
+        (_set("annotations", 4, "image_id", None), r"annotations\[4\] \(id 5\) has no 'image_id'"),
+        (_drop("annotations", 1, "category_id"), r"annotations\[1\] \(id 2\) has no 'category_id'"),
+        (
+            _set("annotations", 0, "image_id", [1]),
+            r"annotations\[0\] \(id 1\) has \[1\] as 'image_id'",
+        ),
+        (_drop("categories", 1, "id"), r"categories\[1\] has no 'id'"),
+        (_drop("images", 3, "id"), r"images\[3\] has no 'id'"),
+        (lambda d: d["annotations"].insert(3, 42), r"annotations\[3\] is 42, expected an object"),
+        (lambda d: d.__setitem__("annotations", {"1": ANNS[0]}), "'annotations' must be a list"),
+        (_set("categories", 0, "id", "3"), r"categories\[0\] has id '3', expected an integer"),
+        # the float conversion of the box would raise a bare ValueError / TypeError
+        (_set("annotations", 4, "bbox", ["a", 1, 2, 3]), r"annotation 5 has bbox \['a', 1, 2, 3\]"),
+        (
+            _set("annotations", 4, "bbox", [1, None, 2, 3]),
+            r"annotation 5 has bbox \[1, None, 2, 3\]",
+        ),
+        (_set("annotations", 1, "bbox", [1, 1, float("nan"), 3]), "annotation 2 has bbox .*finite"),
+    ],
+    ids=[
+        "ann-no-id",
+        "ann-no-image_id",
+        "ann-null-image_id",
+        "ann-no-category_id",
+        "ann-list-image_id",
+        "cat-no-id",
+        "image-no-id",
+        "ann-is-int",
+        "anns-not-list",
+        "cat-str-id",
+        "bbox-str",
+        "bbox-null",
+        "bbox-nan",
+    ],
+)
+def test_malformed_annotation_names_file_entry_and_field(tmp_path, edit, message):
+    ann_file, img_dir = _malformed(tmp_path, edit)
+    with pytest.raises(DatasetError, match=message) as err:
+        CocoDetection(ann_file=ann_file, img_dir=img_dir, train=True, scale=8, max_size=8)
+    assert str(ann_file) in str(err.value)
+
+
+def test_load_coco_names_the_malformed_entry(tmp_path):
+    # The evaluation loads its ground truth with load_coco alone: the same checks apply there.
+    ann_file, _ = _malformed(tmp_path, _drop("annotations", 6, "id"))
+    with pytest.raises(DatasetError, match=r"ann.json: annotations\[6\] has no 'id'"):
+        load_coco(ann_file)
+
+
+def test_missing_image_files_found_at_construction(tiny):
+    ann_file, img_dir = tiny
+    for name in ("b.png", "c.png", "d.png"):
+        (img_dir / name).unlink()
+    # skip_empty leaves images 5 and 9 (c.png, d.png) out: only b.png is missing of the 2 used.
+    with pytest.raises(MissingDataError, match=r"images: 1 of 2 image files .* first: b.png$"):
+        _ds(tiny, skip_empty=True)
+    with pytest.raises(MissingDataError) as err:
+        _ds(tiny, skip_empty=False)
+    msg = str(err.value)
+    assert str(img_dir) in msg and "3 of 4 image files" in msg and str(ann_file) in msg
+    assert msg.endswith("first: b.png, c.png, d.png")
+
+
+def _coco_layout(root, train_cats, val_cats):
+    """A COCO-layout root (annotations/instances_*2017.json, train2017/, val2017/)."""
+    for split, cats in (("train2017", train_cats), ("val2017", val_cats)):
+        anns = [a for a in copy.deepcopy(ANNS) if a["category_id"] in {c["id"] for c in cats}]
+        ann_file, img_dir = _write_dataset(root / "written" / split, anns=anns, cats=cats)
+        (root / "annotations").mkdir(exist_ok=True)
+        ann_file.rename(root / "annotations" / f"instances_{split}.json")
+        img_dir.rename(root / split)
+    return {
+        "kind": "coco",
+        "root": str(root),
+        "train_split": "train2017",
+        "val_split": "val2017",
+        "scale": 80,
+        "max_size": 1000,
+        "num_classes": len(train_cats),
+    }
+
+
+def test_build_datasets_checks_train_and_val_categories(tmp_path):
+    data = _coco_layout(tmp_path / "ok", CATS, CATS)
+    ds = build_datasets(data, max_level=5)
+    assert ds.num_classes == 3 and ds.val.label_to_cat_id == ds.train.label_to_cat_id
+    # The existing num_classes message is kept.
+    with pytest.raises(ValueError, match="data.num_classes=4 but .*has 3 categories"):
+        build_datasets({**data, "num_classes": 4}, max_level=5)
+    # val lacks a category: labels past its last class would crash the final evaluation.
+    data = _coco_layout(tmp_path / "fewer", CATS, CATS[:2])
+    with pytest.raises(DatasetError) as err:
+        build_datasets(data, max_level=5)
+    msg = str(err.value)
+    assert "instances_val2017.json" in msg and "instances_train2017.json" in msg
+    assert "only in train [11], only in val []" in msg
+    # Same count, other ids: every label would silently mean another category.
+    data = _coco_layout(tmp_path / "other", CATS, [*CATS[:2], {"id": 12, "name": "cat12"}])
+    with pytest.raises(DatasetError, match=r"only in train \[11\], only in val \[12\]"):
+        build_datasets(data, max_level=5)
+
+
 # ---- collate and loader -------------------------------------------------------------------------
 
 
@@ -288,8 +415,22 @@ def test_build_loader_train_and_eval(tiny):
     ev = build_loader(ds, batch_size=3, train=False, num_workers=0)
     ids = [t["image_id"] for _, targets, _ in ev for t in targets]
     assert ids == [1, 2, 5, 9]  # dataset order, the last partial batch kept
-    with pytest.raises(ValueError, match="fewer than batch_size"):
+    with pytest.raises(ValueError, match="fewer than batch_size") as err:
         build_loader(ds, batch_size=8, train=True, num_workers=0)
+    assert "ann.json" in str(err.value) and "skip_empty" not in str(err.value)
+
+
+def test_build_loader_too_few_images_names_file_and_skip_empty(tiny):
+    # Two of the four images have no usable box; skip_empty leaves 2 < batch_size 3.
+    ds = _ds(tiny, skip_empty=True, train=True)
+    with pytest.raises(ValueError) as err:
+        build_loader(ds, batch_size=3, train=True, num_workers=0)
+    msg = str(err.value)
+    assert f"training set ({tiny[0]}) has 2 images, fewer than batch_size=3" in msg
+    assert "2 of its 4 images were skipped" in msg and "data.skip_empty is true" in msg
+    # Any dataset: its type is named instead of a file.
+    with pytest.raises(ValueError, match=r"training set \(list\) has 2 images"):
+        build_loader([0, 1], batch_size=3, train=True, num_workers=0)
 
 
 @pytest.mark.slow

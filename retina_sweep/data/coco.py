@@ -13,8 +13,10 @@ Conventions of the target dict (see docs/design.md):
   `orig_size` (h, w) of the image file. Dividing a predicted box by `scale_factor` (after
   undoing any flip) gives original image coordinates, which is what COCOeval expects.
 
-Every problem with the files is reported up front where possible (root, annotation file,
-image folder at construction; an image file when it is read) with the offending path.
+Every problem with the files is reported up front where possible, with the offending path:
+at construction the root, the annotation file (and its malformed entries, by index or id, with
+the field) and the image folder, and whether every image file the dataset will use exists; an
+unreadable image file, or one of another size than annotated, when it is read.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import contextlib
 import io
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -139,11 +142,68 @@ def load_coco(ann_file: str | Path) -> COCO:
     missing = [k for k in ("images", "annotations", "categories") if k not in dataset]
     if missing:
         raise DatasetError(f"annotation file {ann_file} lacks the COCO key(s) {missing}")
+    _check_index_fields(ann_file, dataset)
     coco = COCO()
     coco.dataset = dataset
-    with contextlib.redirect_stdout(io.StringIO()):  # "creating index..." chatter
-        coco.createIndex()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # "creating index..." chatter
+            coco.createIndex()
+    except (KeyError, TypeError) as e:  # anything _check_index_fields did not foresee
+        raise DatasetError(
+            f"annotation file {ann_file}: pycocotools cannot index it ({type(e).__name__}: {e})"
+        ) from e
     return coco
+
+
+# The fields pycocotools' `createIndex` looks up in every entry of each list.
+_INDEX_FIELDS: dict[str, tuple[str, ...]] = {
+    "images": ("id",),
+    "categories": ("id",),
+    "annotations": ("id", "image_id", "category_id"),
+}
+
+
+def _check_index_fields(ann_file: Path, dataset: dict[str, Any]) -> None:
+    """Check what `COCO.createIndex` relies on, so that a malformed entry gets a message naming
+    the file, the entry (its index in the list, and its id when it has one) and the field,
+    instead of a bare KeyError / TypeError from pycocotools."""
+    for key, fields in _INDEX_FIELDS.items():
+        entries = dataset[key]
+        if not isinstance(entries, list):
+            raise DatasetError(
+                f"annotation file {ann_file}: {key!r} must be a list, got {type(entries).__name__}"
+            )
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, dict):
+                raise DatasetError(
+                    f"annotation file {ann_file}: {key}[{i}] is {_short(entry)}, expected an "
+                    f"object with {', '.join(repr(f) for f in fields)}"
+                )
+            for field in fields:
+                value = entry.get(field)
+                if value is None or not _hashable(value):
+                    entry_id = entry.get("id")
+                    which = f"{key}[{i}]" + (
+                        f" (id {entry_id!r})" if field != "id" and _hashable(entry_id) else ""
+                    )
+                    problem = "has no" if value is None else f"has {_short(value)} as"
+                    raise DatasetError(
+                        f"annotation file {ann_file}: {which} {problem} {field!r}"
+                        + ("" if value is None else ", expected a number")
+                    )
+
+
+def _hashable(value: Any) -> bool:
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class CocoDetection(Dataset):
@@ -193,7 +253,15 @@ class CocoDetection(Dataset):
         self.std = tuple(std)
 
         self.coco = load_coco(self.ann_file)
-        cat_ids = sorted(int(c["id"]) for c in self.coco.dataset["categories"])
+        cat_ids = []
+        for i, c in enumerate(self.coco.dataset["categories"]):
+            if not isinstance(c["id"], int) or isinstance(c["id"], bool):
+                raise DatasetError(
+                    f"annotation file {self.ann_file}: categories[{i}] has id {_short(c['id'])}, "
+                    "expected an integer"
+                )
+            cat_ids.append(c["id"])
+        cat_ids.sort()
         if len(set(cat_ids)) != len(cat_ids):
             raise DatasetError(f"annotation file {self.ann_file} has duplicate category ids")
         self.cat_id_to_label: dict[int, int] = {c: i for i, c in enumerate(cat_ids)}
@@ -216,6 +284,24 @@ class CocoDetection(Dataset):
                 )
         else:
             self.image_ids = all_ids
+        # Images in the annotation file that are left out by `skip_empty` (see build_loader's
+        # error for a training set that ends up smaller than one batch).
+        self.num_skipped_empty = len(all_ids) - len(self.image_ids)
+        self._check_image_files()
+
+    def _check_image_files(self) -> None:
+        """Every image this dataset will read exists (a stat each), so that a missing file is
+        reported now rather than when it is first read, maybe after a whole training."""
+        missing = [
+            name
+            for name in (self._records[i]["file_name"] for i in self.image_ids)
+            if not (self.img_dir / name).is_file()
+        ]
+        if missing:
+            raise MissingDataError(
+                f"image folder {self.img_dir}: {len(missing)} of {len(self.image_ids)} image "
+                f"files named in {self.ann_file} are missing, first: {', '.join(missing[:3])}"
+            )
 
     def _parse_annotations(self) -> dict[int, dict[str, Any]]:
         """Per image: boxes / labels / crowd boxes in original coordinates, as numpy arrays."""
@@ -256,6 +342,11 @@ class CocoDetection(Dataset):
                 raise DatasetError(
                     f"annotation file {self.ann_file}: annotation {ann.get('id')} has bbox "
                     f"{bbox!r}, expected [x, y, width, height]"
+                )
+            if not all(type(v) in (int, float) and math.isfinite(v) for v in bbox):
+                raise DatasetError(
+                    f"annotation file {self.ann_file}: annotation {ann['id']} has bbox "
+                    f"{_short(bbox)}; its 4 values must be finite numbers"
                 )
             x, y, bw, bh = (float(v) for v in bbox)
             h, w = rec["size"]

@@ -210,10 +210,7 @@ def build_loader(
     else:
         sampler = SequentialSampler(dataset)
     if drop_last and len(dataset) < batch_size and not distributed:
-        raise ValueError(
-            f"the training set has {len(dataset)} images, fewer than batch_size={batch_size}: "
-            "every batch would be dropped"
-        )
+        raise ValueError(_too_small_message(dataset, batch_size))
     generator = torch.Generator()
     generator.manual_seed(int(seed))
     return DataLoader(
@@ -229,3 +226,22 @@ def build_loader(
         # Training iterates epoch after epoch: keep the workers instead of re-forking them.
         persistent_workers=bool(train) and num_workers > 0,
     )
+
+
+def _too_small_message(dataset: Dataset, batch_size: int) -> str:
+    """Why a training set smaller than one batch is refused, naming its annotation file and,
+    when `skip_empty` left images out, that as the likely cause."""
+    ann_file = getattr(dataset, "ann_file", None)
+    source = f" ({ann_file})" if ann_file is not None else f" ({type(dataset).__name__})"
+    msg = (
+        f"the training set{source} has {len(dataset)} images, fewer than "
+        f"batch_size={batch_size}: every batch would be dropped"
+    )
+    skipped = int(getattr(dataset, "num_skipped_empty", 0) or 0)
+    if skipped:
+        msg += (
+            f"; {skipped} of its {skipped + len(dataset)} images were skipped because they have "
+            "no non-crowd box of positive size and data.skip_empty is true: check the boxes in "
+            "the annotation file, or set data.skip_empty=false or a smaller batch size"
+        )
+    return msg
