@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -233,6 +234,42 @@ def test_bad_arguments_are_clear_errors(tmp_path: Path) -> None:
         build_report(tracking_uri=f"sqlite:///{tmp_path}/m.db", table="9z")
     with pytest.raises(ValueError, match="format"):
         build_report(tracking_uri=f"sqlite:///{tmp_path}/m.db", formats=["docx"])
+
+
+def test_a_missing_sqlite_store_is_refused_not_created(tmp_path: Path) -> None:
+    # MLflow would initialise a new, empty store there, and the report would overwrite a good
+    # report with empty tables and exit 0.
+    db = tmp_path / "no" / "dir" / "x.db"
+    out = tmp_path / "r"
+    with pytest.raises(
+        ValueError, match=re.escape(f"MLflow store {db} does not exist; run a sweep first")
+    ):
+        build_report(tracking_uri=f"sqlite:///{db}", out=out)
+    assert not db.exists() and not db.parent.exists() and not out.exists()
+    # The command: one line naming the file, non-zero exit, nothing written.
+    from retina_sweep.report.__main__ import main
+
+    with pytest.raises(SystemExit) as exc:
+        main([f"tracking_uri=sqlite:///{db}", f"out={out}"])
+    assert str(exc.value).startswith("report: ") and "\n" not in str(exc.value)
+    assert str(db) in str(exc.value) and "sqlite:////" in str(exc.value)
+    assert not db.parent.exists() and not out.exists()
+    # A file that is there but is not an MLflow store is not turned into one either.
+    (tmp_path / "empty.db").touch()
+    with pytest.raises(ValueError, match="is not an MLflow store"):
+        build_report(tracking_uri=f"sqlite:///{tmp_path}/empty.db", out=out)
+    assert (tmp_path / "empty.db").stat().st_size == 0 and not out.exists()
+
+
+def test_an_unknown_experiment_is_refused_with_the_stores_names(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    store.mlf.create_experiment("other_study")
+    out = tmp_path / "r"
+    with pytest.raises(ValueError, match="experiment=nope: no such experiment") as exc:
+        build_report(tracking_uri=store.uri, experiment="nope", out=out)
+    assert "other_study" in str(exc.value) and "retina_sweep" in str(exc.value)
+    assert not out.exists()
+    assert store.mlf.get_experiment_by_name("nope") is None  # not created either
 
 
 def test_loss_cdf_matches_a_hand_computation() -> None:

@@ -19,6 +19,7 @@ import pandas as pd
 from .core import (
     Table,
     build_table,
+    check_store,
     load_paper,
     load_runs,
     load_specs,
@@ -79,6 +80,9 @@ def build_report(
     if table is not None and table not in specs and table not in study_specs:
         raise ValueError(f"table must be one of {', '.join([*specs, *study_specs])}, got {table!r}")
     paper = load_paper()
+    # Before MLflow opens the store: it would create a missing SQLite file, and the report would
+    # then overwrite the previous one (reports/<name>/) with empty tables.
+    check_store(uri, experiment)
     # A table's cells may have been trained by another sweep (shared config hash), so tables are
     # built from every run of the experiment, selected by table; `sweep` narrows what is shown.
     every_run = load_runs(tracking_uri=uri, experiment=experiment)

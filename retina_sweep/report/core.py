@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import math
+from contextlib import closing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -28,6 +29,7 @@ __all__ = [
     "load_specs",
     "load_paper",
     "load_runs",
+    "check_store",
     "runs_of_table",
     "tables_of",
     "latest_per_config",
@@ -86,6 +88,44 @@ def load_paper(path: str | Path | None = None) -> pd.DataFrame:
         with resources.as_file(ref) as p:
             return pd.read_csv(p, dtype={"table": str})
     return pd.read_csv(path, dtype={"table": str})
+
+
+def check_store(uri: str, experiment: str) -> None:
+    """Refuse, with one clear ValueError, a store the report cannot read runs from, before
+    MLflow touches it: a `sqlite:///` file that does not exist (MLflow would create an empty store
+    there and the report would overwrite a good one with empty tables), a file that is not an
+    MLflow store, or an `experiment` the store does not have (the message lists those it has).
+    `uri` is resolved (`tracking.resolve_uri`: a relative SQLite path is already absolute)."""
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///") :].split("?", 1)[0]
+        if path and path != ":memory:":
+            _check_sqlite_file(Path(path), uri)
+    from retina_sweep.tracking import client
+
+    mlf = client(uri)
+    if mlf.get_experiment_by_name(experiment) is None:
+        names = sorted(e.name for e in mlf.search_experiments())
+        have = f"its experiments: {', '.join(names)}" if names else "it has none"
+        raise ValueError(f"experiment={experiment}: no such experiment in {uri} ({have})")
+
+
+def _check_sqlite_file(db: Path, uri: str) -> None:
+    import sqlite3
+
+    hint = (
+        "run a sweep first, or pass tracking_uri=sqlite:////abs/path/mlflow.db "
+        "(sqlite:/// + a relative path, sqlite://// + an absolute one)"
+    )
+    if not db.is_file():
+        what = "is a folder" if db.is_dir() else "does not exist"
+        raise ValueError(f"tracking_uri={uri}: the MLflow store {db} {what}; {hint}")
+    try:  # read-only: MLflow would initialise any SQLite file as a store
+        with closing(sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True, timeout=30)) as con:
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master")}
+    except sqlite3.DatabaseError as exc:
+        raise ValueError(f"tracking_uri={uri}: {db} is not an SQLite database ({exc})") from exc
+    if "experiments" not in tables:
+        raise ValueError(f"tracking_uri={uri}: {db} is not an MLflow store (no experiments table)")
 
 
 def load_runs(
