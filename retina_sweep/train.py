@@ -535,7 +535,14 @@ def _run_worker(cfg: DictConfig, *, rank: int, world_size: int, local_rank: int)
             on_eval=on_eval,
         )
     except Diverged as exc:
-        log.error("run diverged: %s", exc)
+        log.error(
+            "run diverged: %s. With train.lr=%s (base_lr %s): a lower learning rate, a longer "
+            "train.warmup_iters or train.clip_grad_norm=10 usually prevent it (the run is kept, "
+            "outcome 'diverged')",
+            exc,
+            cfg.train.get("lr"),
+            cfg.train.get("base_lr"),
+        )
         tracker.finish("diverged", error=str(exc), diverged_at=exc.iteration)
         return math.nan
     except TrialPruned as exc:
