@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -321,6 +322,28 @@ class RetinaOptunaSweeper(Sweeper):
         with terminate_as_interrupt(grace_s=self.opts.grace_s):
             return self._sweep(arguments)
 
+    def _check_and_prepare(self, fixed: list[str]) -> None:
+        """The study's base config (without the searched keys) validated, and what its trials
+        share (synthetic data, pretrained backbone) made or checked (a COCO root), before the
+        study is opened: as the grid sweeper does, a bad value or a missing file stops here with
+        one line and exit status 2, not in every trial."""
+        if OmegaConf.select(self.config, "data.kind") is None:
+            return  # not retina_sweep's config (the tests' stand-in app): nothing to check
+        from retina_sweep.config import ConfigError, validate
+        from retina_sweep.data.coco import DatasetError
+        from retina_sweep.train import prepare
+
+        try:
+            base = self.hydra_context.config_loader.load_sweep_config(
+                master_config=self.config, sweep_overrides=list(fixed)
+            )
+            validate(base)
+            prepare(base)
+        except (ConfigError, DatasetError) as exc:
+            name = OmegaConf.select(self.config, "sweep.name") or "optuna"
+            print(f"[{name}] stopped before any trial: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+
     def _sweep(self, arguments: list[str]) -> Any:
         import optuna
 
@@ -328,6 +351,7 @@ class RetinaOptunaSweeper(Sweeper):
         from retina_sweep.sweep import Progress, format_value
 
         fixed, space = self._space(arguments)
+        self._check_and_prepare(fixed)
         full, max_iterations = self._iteration_budget()
         spec, study_name = self._storage_spec()
         study = optuna.create_study(
