@@ -31,7 +31,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from .config import config_hash, validate
+from .config import ConfigError, config_hash, validate
 from .signals import terminate_as_interrupt
 from .tracking import RunTracker, config_params, tracker_from_config
 
@@ -102,7 +102,10 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("device=cuda was asked for but CUDA is not available")
+            raise ConfigError(
+                "invalid config value device='cuda': no CUDA device is visible to this process "
+                "(device=auto uses one when there is one, the CPU otherwise)"
+            )
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
 
@@ -476,6 +479,7 @@ def run(cfg: DictConfig) -> float:
     processes by `retina_sweep.distributed.launch`.
     """
     validate(cfg)
+    pick_device(cfg.device)  # device=cuda without CUDA: stop before any data or model is made
     check_data_files(cfg)
     if int(cfg.train.devices) > 1 and "LOCAL_RANK" not in os.environ:
         from .distributed import launch

@@ -204,3 +204,15 @@ def test_sigterm_ends_the_run_killed_with_its_checkpoint(tmp_path: Path, monkeyp
     assert runs[0].data.tags["error"] == "terminated by SIGTERM"
     ckpt = tmp_path / "sweeps" / "checkpoints" / config_hash(cfg) / "last.pt"
     assert torch.load(ckpt, weights_only=True)["iteration"] == 4
+
+
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="checks the message for a machine without CUDA"
+)
+def test_device_cuda_without_cuda_stops_before_anything_is_made(tmp_path: Path) -> None:
+    from retina_sweep.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"device='cuda'.*no CUDA device"):
+        run(smoke_cfg(tmp_path, "device=cuda"))
+    # It used to fail after the data were generated and the MLflow run opened.
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "mlflow.db").exists()
