@@ -253,6 +253,12 @@ def train(
     tcfg = cfg.train
     if tcfg.get("threads"):
         torch.set_num_threads(int(tcfg.threads))
+    # The proxy's pretrained backbone first, before anything is seeded: on a cold cache it is
+    # trained here and draws from the global RNGs, and the detector's initial weights must not
+    # depend on whether the cache was warm (same config hash, same experiment).
+    pretrained = None
+    if cfg.model.backbone.get("pretrained") == "synthetic":
+        pretrained = str(synthetic_backbone(cfg, device))
     seed_everything(int(cfg.seed) + rank)
 
     data = build_datasets(cfg.data, max_level=int(cfg.model.fpn.max_level))
@@ -282,10 +288,10 @@ def train(
         extra["seed"] = int(cfg.loss.seed) + rank
     strategy = instantiate(cfg.loss, _convert_="all", **extra)
     model_kwargs: dict[str, Any] = {}
-    if cfg.model.backbone.get("pretrained") == "synthetic":
+    if pretrained is not None:
         model_kwargs["backbone"] = {
             **OmegaConf.to_container(cfg.model.backbone, resolve=True),
-            "pretrained": str(synthetic_backbone(cfg, device)),
+            "pretrained": pretrained,
         }
     model = instantiate(cfg.model, strategy=strategy, _convert_="all", **model_kwargs).to(device)
     if device.type == "cuda":
@@ -327,11 +333,18 @@ def train(
     ckpt_path = Path(cfg.paths.checkpoints) / config_hash(cfg) / "last.pt"
     start_iter = 0
     state = load_checkpoint(ckpt_path)
+    if state is not None and int(state["iteration"]) >= iterations and cfg.sweep.get("force"):
+        # sweep.force=true asks for the cell to be computed again: a finished checkpoint would
+        # only be evaluated again, so it is set aside and replaced by this run's.
+        log.info("sweep.force: training from scratch, not from the finished %s", ckpt_path)
+        state = None
     if state is not None:
         raw_model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        if "scaler" in state and use_scaler:
+        if state.get("scaler") and use_scaler:
+            # A checkpoint written without float16 (CPU, bf16 or amp off: the precision is not
+            # part of the identity) has an empty scaler state; the fresh scaler is right then.
             scaler.load_state_dict(state["scaler"])
         start_iter = int(state["iteration"])
         log.info("resuming from %s at iteration %d", ckpt_path, start_iter)
@@ -375,9 +388,13 @@ def train(
         progress = tqdm(total=iterations, initial=start_iter, desc="train", dynamic_ncols=True)
 
     timings["setup"] = time.perf_counter() - t_start
-    window_images, window_start = 0, time.perf_counter()
+    # The logging window: loss sums over `summed` finite steps (after a resume, or a skipped
+    # non-finite step, a window holds fewer than log_every) and the training time of its steps
+    # (images_per_s leaves out evaluations and checkpoints).
+    window_images, window_time, summed = 0, 0.0, 0
     sums: dict[str, float] = {}
     nonfinite = 0
+    lr_used = optimizer.param_groups[0]["lr"]
     for iteration in range(start_iter, iterations):
         tic = time.perf_counter()
         images, targets, image_sizes = next(batches)
@@ -385,35 +402,49 @@ def train(
         with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
             losses = model(images, targets, image_sizes=image_sizes)
         loss = sum(losses.values())
-        if not torch.isfinite(loss):
+        finite = torch.isfinite(loss.detach())
+        if distributed:
+            # Every rank takes the same branch: one rank skipping the backward (or raising)
+            # while the others enter DDP's gradient all-reduce would hang them all.
+            flag = finite.to(device=loss.device, dtype=torch.int32)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+            finite = flag.bool()
+        if not bool(finite):
             nonfinite += 1
             if nonfinite > int(tcfg.get("max_nonfinite", 0)):
                 raise Diverged(iteration, {k: float(v.detach()) for k, v in losses.items()})
+            log.warning(
+                "non-finite loss at iteration %d, step skipped (%d of train.max_nonfinite=%d)",
+                iteration,
+                nonfinite,
+                int(tcfg.get("max_nonfinite", 0)),
+            )
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-            continue
-        lr_used = optimizer.param_groups[0]["lr"]
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if clip:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, float(clip))
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
+        else:
+            lr_used = optimizer.param_groups[0]["lr"]
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, float(clip))
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+            summed += 1
 
-        timings["train"] += time.perf_counter() - tic
+        step_time = time.perf_counter() - tic
+        timings["train"] += step_time
+        window_time += step_time
         window_images += images.shape[0] * world_size
-        for k, v in losses.items():
-            sums[k] = sums.get(k, 0.0) + float(v.detach())
-        sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
         done = iteration + 1
-        if done % log_every == 0 or done == iterations:
-            n = (iteration - start_iter) % log_every + 1 if done == iterations else log_every
-            elapsed = time.perf_counter() - window_start
-            row = {k: v / n for k, v in sums.items()}
+        if (done % log_every == 0 or done == iterations) and summed:
+            row = {k: v / summed for k, v in sums.items()}
             row["lr"] = lr_used
-            row["images_per_s"] = window_images / max(elapsed, 1e-9)
+            row["images_per_s"] = window_images / max(window_time, 1e-9)
             tracker.log_metrics(row, step=done)
             if progress is not None:
                 progress.set_postfix(
@@ -421,22 +452,32 @@ def train(
                     lr=f"{row['lr']:.2e}",
                     ips=f"{row['images_per_s']:.1f}",
                 )
-            sums, window_images, window_start = {}, 0, time.perf_counter()
+            sums, window_images, window_time, summed = {}, 0, 0.0, 0
         if progress is not None:
             progress.update(1)
         if ckpt_every and done % ckpt_every == 0 and done < iterations:
             save(done)
         if eval_every and done % eval_every == 0 and done < iterations:
             metrics = run_eval(tcfg.get("eval_max_images"))
+            pruned = False
             if metrics is not None:
                 tracker.log_metrics(
                     {f"val_{k}": v for k, v in metrics.items() if _is_num(v)}, step=done
                 )
                 tracker.flush()
                 if on_eval is not None:
-                    on_eval(done, metrics)
+                    try:
+                        on_eval(done, metrics)
+                    except TrialPruned:
+                        pruned = True
             if distributed:
-                torch.distributed.barrier()
+                # Rank 0 evaluates and decides; the broadcast also holds the other ranks until
+                # it has (as the barrier did), and they all stop together when pruned.
+                flag = torch.tensor([int(pruned)], dtype=torch.int32, device=device)
+                torch.distributed.broadcast(flag, src=0)
+                pruned = bool(flag.item())
+            if pruned:
+                raise TrialPruned(done)
     if progress is not None:
         progress.close()
     save(iterations)
@@ -552,8 +593,8 @@ def _run_worker(cfg: DictConfig, *, rank: int, world_size: int, local_rank: int)
     except TrialPruned as exc:
         log.info("run pruned at iteration %d", exc.iteration)
         tracker.finish("pruned", pruned_at=exc.iteration)
-        if pruner is not None and hasattr(pruner, "pruned"):
-            return pruner.pruned(exc.iteration)
+        if pruner is not None and hasattr(pruner, "pruned") and rank == 0:
+            return pruner.pruned(exc.iteration)  # the study is told once, by the rank that decided
         return math.nan
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM as `signals.Terminated`
         tracker.finish("killed", error=str(exc) or "interrupted")

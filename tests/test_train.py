@@ -216,3 +216,115 @@ def test_device_cuda_without_cuda_stops_before_anything_is_made(tmp_path: Path) 
         run(smoke_cfg(tmp_path, "device=cuda"))
     # It used to fail after the data were generated and the MLflow run opened.
     assert not (tmp_path / "cache").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def _constant_losses(monkeypatch, *, nan_at: tuple[int, ...] = ()) -> None:
+    """Every step's loss is exactly 1.0 (0 gradients), NaN at the given 1-based calls: the
+    logged averages are then known whatever the window."""
+    from retina_sweep import sampling
+
+    real_forward = sampling.FocalStrategy.forward
+    calls = {"n": 0}
+
+    def constant(self, **kw):
+        out = real_forward(self, **kw)
+        calls["n"] += 1
+        bad = float("nan") if calls["n"] in nan_at else 0.0
+        return {"loss_cls": out["loss_cls"] * 0 + 1.0 + bad, "loss_box": out["loss_box"] * 0}
+
+    monkeypatch.setattr(sampling.FocalStrategy, "forward", constant)
+
+
+def test_logged_averages_after_a_resume_between_log_points(tmp_path: Path, monkeypatch) -> None:
+    """Killed after iteration 3 with log_every 4: the first window after the resume holds one
+    step, not four. The loss logged at step 4 used to be 1/4 of the true average, and the one
+    at step 8 4x it."""
+    _constant_losses(monkeypatch)
+    cfg = smoke_cfg(
+        tmp_path,
+        "train.iterations=8",
+        "train.checkpoint_every=3",
+        "tracking.log_every=4",
+        "train.warmup_iters=0",
+    )
+    real_save = train_mod.atomic_save
+
+    def save_then_die(obj, path):
+        real_save(obj, path)
+        if obj["iteration"] == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "atomic_save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg)
+    monkeypatch.setattr(train_mod, "atomic_save", real_save)
+    run(cfg)
+    mlf, runs = only_run(tmp_path)
+    resumed = runs[1]
+    assert resumed.data.tags["resumed_from_iteration"] == "3"
+    history = mlf.get_metric_history(resumed.info.run_id, "loss")
+    assert [(m.step, m.value) for m in history] == [(4, 1.0), (8, 1.0)]
+    # The schedule resumed too: the lr logged at step 8 is the one of iteration 7.
+    lrs = {m.step: m.value for m in mlf.get_metric_history(resumed.info.run_id, "lr")}
+    sched = dict(warmup_iters=0, warmup_factor=float(cfg.train.warmup_factor))
+    sched |= dict(lr_steps=list(cfg.train.lr_steps), lr_decay=float(cfg.train.lr_decay))
+    want = resolve_lr(cfg.train) * lr_factor(7, iterations=8, **sched)
+    assert lrs[8] == pytest.approx(want)
+
+
+def test_a_tolerated_nonfinite_step_skips_only_the_update(tmp_path: Path, monkeypatch) -> None:
+    """train.max_nonfinite=1 and a NaN at step 2: the run completes, and step 2 still gets its
+    checkpoint and its log row (the finite steps' average); the skip used to drop both."""
+    _constant_losses(monkeypatch, nan_at=(2,))
+    cfg = smoke_cfg(tmp_path, "train.max_nonfinite=1", "tracking.log_every=2")
+    saved: list[int] = []
+    real_save = train_mod.atomic_save
+
+    def record(obj, path):
+        saved.append(obj["iteration"])
+        real_save(obj, path)
+
+    monkeypatch.setattr(train_mod, "atomic_save", record)
+    run(cfg)
+    mlf, runs = only_run(tmp_path)
+    assert runs[0].data.tags["outcome"] == "completed"
+    assert saved == [2, 4]
+    history = mlf.get_metric_history(runs[0].info.run_id, "loss")
+    assert [(m.step, m.value) for m in history] == [(2, 1.0), (4, 1.0)]
+
+
+def test_sweep_force_retrains_a_finished_cell(tmp_path: Path) -> None:
+    """A finished checkpoint used to make sweep.force=true re-evaluate the old weights only."""
+    cfg = smoke_cfg(tmp_path, "train.iterations=2")
+    run(cfg)
+    run(smoke_cfg(tmp_path, "train.iterations=2", "sweep.force=true"))
+    mlf, runs = only_run(tmp_path)
+    assert "resumed_from_iteration" not in runs[1].data.tags
+    assert [m.step for m in mlf.get_metric_history(runs[1].info.run_id, "loss")] == [1, 2]
+    run(cfg)  # without force the finished checkpoint is reused, as before
+    _, runs = only_run(tmp_path)
+    assert runs[2].data.tags["resumed_from_iteration"] == "2"
+
+
+def test_a_cold_pretraining_cache_gives_the_warm_caches_experiment(tmp_path: Path) -> None:
+    """The first run on an empty cache pretrains the proxy's backbone in its own process; its
+    detector used to start from other initial weights than every later run of the same config
+    (the pretraining drew from the seeded RNG before the model was built)."""
+    recipe = [
+        "model.backbone.pretrained=synthetic",
+        "model.backbone.synthetic_pretrain.steps=2",
+        "model.backbone.synthetic_pretrain.batch_size=4",
+        "model.backbone.synthetic_pretrain.crop=32",
+        "train.iterations=1",
+        "tracking=none",
+        f"data.cache_dir={tmp_path}/cache",
+    ]
+    finals = []
+    for name in ("cold", "warm"):
+        cfg = compose_config(["scale=smoke", f"paths.root={tmp_path}/{name}", *recipe])
+        run(cfg)
+        ckpt = tmp_path / name / "checkpoints" / config_hash(cfg) / "last.pt"
+        finals.append(torch.load(ckpt, weights_only=True)["model"])
+    assert (tmp_path / "cache" / "pretrained").is_dir()
+    for key, value in finals[0].items():
+        assert torch.equal(value, finals[1][key]), key
