@@ -11,8 +11,9 @@ A sweep preset (`conf/sweep/*.yaml`) describes its cells as data:
         - {model.anchors.scales_per_octave: 1, model.anchors.aspect_ratios: [1.0]}
         - {model.anchors.scales_per_octave: 3, model.anchors.aspect_ratios: [0.5, 1.0, 2.0]}
 
-Cells = (command-line sweeps) x grid x rows, each repeated for `sweep.seeds` seeds. A key may
-also be a config group (`loss: [focal, ohem]`). This module turns that into Hydra override lists,
+Cells = (command-line sweeps) x grid x rows, each repeated for `sweep.seeds` seeds; a command-line
+value (swept or fixed) of a key the grid sweeps replaces that axis. A key may also be a config
+group (`loss: [focal, ohem]`). This module turns that into Hydra override lists,
 finds the cells that already have a FINISHED MLflow run (resume), and keeps the sweep's MLflow
 parent run: created when the sweep starts, reused when the same sweep is launched again, closed
 with a summary of its children.
@@ -37,12 +38,15 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "Cell",
+    "SweepError",
     "format_value",
     "expand_cells",
+    "unique_cells",
     "add_table_tag",
     "finished_hashes",
     "ParentRun",
     "Progress",
+    "latest_per_cell",
 ]
 
 _PLAIN = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-./]*$")
@@ -91,6 +95,11 @@ class Cell:
         return out + [f"seed={self.seed}", f"sweep.cell={format_value(self.label)}"] + self.extra
 
 
+class SweepError(ValueError):
+    """A sweep's cells cannot be expanded as asked (an empty axis, a key set twice). The message
+    names the key; the grid sweeper prints it and exits with status 2 before any trial."""
+
+
 def expand_cells(
     *,
     grid: Mapping[str, Sequence[Any]] | None,
@@ -98,22 +107,46 @@ def expand_cells(
     cli_sweeps: Mapping[str, Sequence[Any]] | None = None,
     seeds: int = 1,
     base_seed: int = 0,
+    cli_fixed: Mapping[str, Any] | None = None,
 ) -> list[Cell]:
     """All cells of a sweep in a stable order: cli x grid x rows, then seeds innermost.
+
+    A command-line value of a key the grid sweeps replaces that axis, in the grid's place: a
+    command-line sweep (`cli_sweeps`, `loss.gamma=0,2`) by its values, a fixed value
+    (`cli_fixed`, `loss.alpha=0.25`) by that one value. `cli_fixed` may hold every fixed
+    command-line override; those of keys outside the grid and the rows are left to the caller.
+    A key the rows set cannot be given on the command line (a row is one listed combination;
+    the rows would overwrite the value): `SweepError` naming the key.
 
     Config-group keys (no dot, e.g. `loss`) are put first in each cell so that Hydra selects the
     group before the keys inside it are set.
     """
+    grid = dict(grid or {})
+    cli_sweeps = dict(cli_sweeps or {})
+    cli_fixed = dict(cli_fixed or {})
+    row_list = [dict(r) for r in (rows or [])] or [{}]
+    row_keys = {k for r in row_list for k in r}
+    for k in [*cli_sweeps, *cli_fixed]:
+        if k in row_keys:
+            raise SweepError(
+                f"{k} is set by the preset's sweep.rows, so a command-line value of it would be "
+                "overwritten; give the rows you want instead ('sweep.rows=[{...}]')"
+            )
+    for k in grid:
+        if k in cli_fixed:
+            grid[k] = [cli_fixed[k]]  # a fixed command-line value: a one-value axis
+            cli_sweeps.pop(k, None)
+        elif k in cli_sweeps:
+            grid[k] = cli_sweeps.pop(k)  # a command-line sweep replaces the preset's axis
     axes: list[tuple[str, list[Any]]] = []
-    for source in (cli_sweeps or {}, grid or {}):
+    for source in (cli_sweeps, grid):
         for k, values in source.items():
             values = list(values)
             if not values:
-                raise ValueError(f"sweep axis {k} has no values")
+                raise SweepError(f"sweep axis {k} has no values")
             axes.append((k, values))
-    row_list = [dict(r) for r in (rows or [])] or [{}]
     if seeds < 1:
-        raise ValueError(f"sweep.seeds must be >= 1, got {seeds}")
+        raise SweepError(f"sweep.seeds must be >= 1, got {seeds}")
     cells: list[Cell] = []
     for combo in itertools.product(*[v for _, v in axes]) if axes else [()]:
         for row in row_list:
@@ -122,15 +155,35 @@ def expand_cells(
                 overrides[k] = v
             for k, v in row.items():
                 if k in overrides:
-                    raise ValueError(f"sweep key {k} is both a grid axis and in a row")
+                    raise SweepError(f"sweep key {k} is both a grid axis and in a row")
                 overrides[k] = v
             overrides = dict(sorted(overrides.items(), key=lambda kv: "." in kv[0]))
-            # A swept `seed` is the cell's base seed; `seeds` repeats count up from it.
+            # A swept `seed` is the cell's base seed; `seeds` repeats count up from it. Swept
+            # seeds closer than `seeds` apart repeat a seed: `unique_cells` drops the repeats.
             first_seed = int(overrides.pop("seed", base_seed))
             label = ",".join(f"{_short(k)}={format_value(v)}" for k, v in overrides.items())
             for s in range(seeds):
                 cells.append(Cell(overrides=overrides, seed=first_seed + s, label=label or "base"))
     return cells
+
+
+def unique_cells(cells: Sequence[Cell]) -> tuple[list[Cell], list[Cell]]:
+    """(the cells, first of each config hash kept, in order; the dropped repeats).
+
+    Two cells with one config hash are one experiment: launched both, they would train it twice
+    (and race for its checkpoint). Cells without a hash are all kept.
+    """
+    kept: list[Cell] = []
+    dropped: list[Cell] = []
+    seen: set[str] = set()
+    for cell in cells:
+        if cell.config_hash is not None and cell.config_hash in seen:
+            dropped.append(cell)
+            continue
+        if cell.config_hash is not None:
+            seen.add(cell.config_hash)
+        kept.append(cell)
+    return kept, dropped
 
 
 ALSO_TABLES_TAG = "also_tables"
@@ -180,6 +233,24 @@ def finished_hashes(
 def sweep_hash(name: str | None, hashes: Sequence[str]) -> str:
     blob = json.dumps([name, sorted(hashes)])
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def latest_per_cell(runs: Iterable[Any]) -> list[Any]:
+    """Per config hash, the latest FINISHED run, else the latest run of any status (the rule of
+    `retina_sweep.report.core.latest_per_config`, on MLflow `Run` objects); a run without a
+    `config_hash` tag is a cell of its own. In the order of their start times."""
+    finished: dict[str, Any] = {}
+    latest: dict[str, Any] = {}
+
+    def start(r: Any) -> int:
+        return getattr(r.info, "start_time", None) or 0
+
+    for r in sorted(runs, key=start):
+        key = r.data.tags.get("config_hash") or r.info.run_id
+        latest[key] = r
+        if r.info.status == "FINISHED":
+            finished[key] = r
+    return sorted(({**latest, **finished}).values(), key=start)
 
 
 class ParentRun:
@@ -242,26 +313,34 @@ class ParentRun:
         )
 
     def summarize(self, metric: str = "AP") -> dict[str, Any]:
-        """Counts of the children by status and outcome, the best `metric` among them, and the
-        compute spent: `iterations_trained`, the training iterations of the completed children
-        (`train.iterations`) plus those of the pruned ones (`pruned_at`)."""
+        """The children counted by cell: per config hash, its latest FINISHED run, else its latest
+        run of any status (as the report's `latest_per_config` keeps them), so a relaunch that
+        retries a FAILED cell, or `sweep.force=true` recomputing a finished one, does not count
+        the cell twice. `status` and `outcome` count those cells, `best_{metric}` is the best of
+        them; `runs` counts every child. `iterations_trained` is the compute spent: the training
+        iterations (`train.iterations`) of every completed child plus `pruned_at` of every pruned
+        one, each run counted, a superseded one too, since its compute was spent."""
+        children = self.children()
         counts: dict[str, int] = {}
         outcomes: dict[str, int] = {}
         best, best_run = -math.inf, None
         iterations = 0
-        for r in self.children():
-            counts[r.info.status] = counts.get(r.info.status, 0) + 1
+        for r in children:
             out = r.data.tags.get("outcome", "unknown")
-            outcomes[out] = outcomes.get(out, 0) + 1
             if out == "pruned" and "pruned_at" in r.data.tags:
                 iterations += int(r.data.tags["pruned_at"])
             elif out == "completed" and "train.iterations" in r.data.params:
                 iterations += int(r.data.params["train.iterations"])
+        for r in latest_per_cell(children):
+            counts[r.info.status] = counts.get(r.info.status, 0) + 1
+            out = r.data.tags.get("outcome", "unknown")
+            outcomes[out] = outcomes.get(out, 0) + 1
             value = r.data.metrics.get(metric)
             if value is not None and not math.isnan(value) and value > best:
                 best, best_run = value, r
         summary = {
             "children": sum(counts.values()),
+            "runs": len(children),
             "status": counts,
             "outcome": outcomes,
             f"best_{metric}": None if best_run is None else best,
@@ -297,8 +376,14 @@ class ParentRun:
         self.settle_children()
         summary = self.summarize(metric)
         now = int(time.time() * 1000)
-        metrics = [Metric(f"n_{k.lower()}", float(v), now, 0) for k, v in summary["status"].items()]
-        metrics += [Metric(f"n_{k}", float(v), now, 0) for k, v in summary["outcome"].items()]
+        counts = {f"n_{k.lower()}": v for k, v in summary["status"].items()}
+        counts |= {f"n_{k}": v for k, v in summary["outcome"].items()}
+        # A relaunch reuses the parent: a count that dropped to zero (the FAILED cell that its
+        # retry finished) must say 0, not keep the previous launch's value.
+        logged = retry(lambda: self.mlf.get_run(self.run_id)).data.metrics
+        counts |= {k: 0 for k in logged if k.startswith("n_") and k not in counts}
+        counts["n_runs"] = summary["runs"]
+        metrics = [Metric(k, float(v), now, 0) for k, v in counts.items()]
         metrics.append(Metric("iterations_trained", float(summary["iterations_trained"]), now, 0))
         if summary[f"best_{metric}"] is not None:
             metrics.append(Metric(f"best_{metric}", float(summary[f"best_{metric}"]), now, 0))

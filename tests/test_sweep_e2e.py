@@ -82,8 +82,14 @@ def test_grid_sweep_parent_children_tags_and_resume(tmp_path: Path) -> None:
 
     # sweep.force=true recomputes both cells.
     sweep(tmp_path, "+sweep=tiny_grid", "sweep.force=true")
-    _, _, children3 = runs(tmp_path)
+    _, parents3, children3 = runs(tmp_path)
     assert len(children3) == 4
+    # The parent counts cells (each config hash by its latest run), not runs; the compute spent
+    # counts every run.
+    (parent,) = parents3
+    assert parent.data.metrics["n_finished"] == 2 and parent.data.metrics["n_completed"] == 2
+    assert parent.data.metrics["n_runs"] == 4
+    assert parent.data.metrics["iterations_trained"] == 4 * 4
 
 
 def test_an_ad_hoc_grid_from_the_command_line_runs_as_the_readme_says(tmp_path: Path) -> None:
@@ -98,6 +104,36 @@ def test_an_ad_hoc_grid_from_the_command_line_runs_as_the_readme_says(tmp_path: 
     (launch,) = (tmp_path / "sweeps" / "multirun").iterdir()
     assert (launch / "multirun.yaml").is_file()
     assert sorted(p.name for p in launch.iterdir() if p.is_dir()) == ["0", "1"]
+
+
+def test_a_command_line_value_of_a_grid_key_replaces_the_presets_axis(tmp_path: Path) -> None:
+    """`+sweep=tiny_grid loss.gamma=0,1` once launched the grid's gammas 0 and 2 twice each (4
+    trials, two per config hash); the command line's values replace the axis instead."""
+    out = sweep(tmp_path, "+sweep=tiny_grid", "loss.gamma=0,1")
+    assert "2 trials: 2 to run" in out.stdout
+    _, parents, children = runs(tmp_path)
+    assert sorted(float(c.data.params["loss.gamma"]) for c in children) == [0.0, 1.0]
+    assert len({c.data.tags["config_hash"] for c in children}) == 2
+    # A fixed value is a one-value axis: gamma 1 alone, the cell just trained.
+    again = sweep(tmp_path, "+sweep=tiny_grid", "loss.gamma=1.0")
+    assert "1 trials: 0 to run, 1 already finished" in again.stdout
+    assert len(runs(tmp_path)[2]) == 2
+
+
+def test_a_command_line_value_of_a_key_the_rows_set_stops_the_sweep(tmp_path: Path) -> None:
+    out = sweep(tmp_path, "+sweep=tiny_rows", "model.anchors.scales_per_octave=2", check=False)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "stopped before any trial: model.anchors.scales_per_octave is set by" in out.stderr
+    assert not (tmp_path / "mlflow.db").exists() or runs(tmp_path)[2] == []
+
+
+def test_a_swept_seed_overlapping_sweep_seeds_trains_each_seed_once(tmp_path: Path) -> None:
+    """`seed=0,1 sweep.seeds=2` expands to seeds 0,1,1,2: seed 1 was trained twice."""
+    out = sweep(tmp_path, "-m", "seed=0,1", "sweep.seeds=2")
+    assert "dropped 1 duplicate cell(s)" in out.stdout and "3 trials: 3 to run" in out.stdout
+    _, parents, children = runs(tmp_path)
+    assert sorted(int(c.data.tags["seed"]) for c in children) == [0, 1, 2]
+    assert parents[0].data.metrics["n_runs"] == 3
 
 
 @pytest.mark.parametrize(
@@ -179,6 +215,15 @@ def test_listed_rows_run_exactly_and_a_failure_does_not_stop_the_sweep(tmp_path:
     assert parents[0].info.status == "FINISHED"  # two of its trials finished
     # The sweep went on, but its exit status says that a trial failed.
     assert out.returncode == 1 and "1 of 3 trials FAILED" in out.stdout
+
+    # The relaunch retries the failed cell only (it fails again): still one FAILED cell of 3.
+    again = sweep(tmp_path, "+sweep=tiny_rows", check=False)
+    assert again.returncode == 1 and "1 of 1 trials FAILED" in again.stdout
+    _, parents, children = runs(tmp_path)
+    assert len(parents) == 1 and len(children) == 4
+    metrics = parents[0].data.metrics
+    assert metrics["n_failed"] == 1  # the cell, not its two FAILED runs
+    assert metrics["n_finished"] == 2 and metrics["n_runs"] == 4
 
 
 def test_a_sweep_on_a_missing_coco_root_stops_before_any_trial(tmp_path: Path) -> None:
@@ -298,7 +343,7 @@ def test_parent_summary_counts_the_iterations_pruning_saved() -> None:
 
     def child(outcome: str, ap: float | None, **tags: str):
         return SimpleNamespace(
-            info=SimpleNamespace(status="FINISHED", run_id=outcome + str(ap)),
+            info=SimpleNamespace(status="FINISHED", run_id=f"{outcome}{ap}{tags}"),
             data=SimpleNamespace(
                 tags={"outcome": outcome, **tags},
                 params={"train.iterations": "400"},
@@ -342,3 +387,67 @@ def test_closing_the_parent_ends_children_that_recorded_their_outcome(tmp_path: 
     assert status == {half_ended: "KILLED", still_training: "RUNNING", done: "FINISHED"}
     assert summary["status"] == {"KILLED": 1, "RUNNING": 1, "FINISHED": 1}
     assert mlf.get_run(parent).info.status == "KILLED"
+
+
+def test_parent_summary_counts_each_cell_by_its_latest_run() -> None:
+    """A relaunch or `sweep.force=true` reuses the parent: a cell with several children counts
+    once, by its latest FINISHED run, else its latest run (the report's rule); the compute
+    spent counts every run."""
+    from types import SimpleNamespace
+
+    from retina_sweep.sweep import ParentRun
+
+    def child(run_id: str, chash: str, status: str, start: int, ap: float | None = None):
+        outcome = {"FINISHED": "completed", "FAILED": "failed", "KILLED": "killed"}[status]
+        return SimpleNamespace(
+            info=SimpleNamespace(status=status, run_id=run_id, start_time=start),
+            data=SimpleNamespace(
+                tags={"outcome": outcome, "config_hash": chash, "cell": chash},
+                params={"train.iterations": "4"},
+                metrics={} if ap is None else {"AP": ap},
+            ),
+        )
+
+    kids = [
+        child("a1", "a", "FAILED", 1),  # failed, then its retry finished
+        child("a2", "a", "FINISHED", 5, ap=10.0),
+        child("b1", "b", "FINISHED", 2, ap=30.0),  # recomputed by sweep.force=true
+        child("b2", "b", "FINISHED", 6, ap=20.0),
+        child("c1", "c", "FINISHED", 3, ap=5.0),  # a later retry was killed: still a result
+        child("c2", "c", "KILLED", 7),
+        child("d1", "d", "FAILED", 4),  # failed twice: one failed cell
+        child("d2", "d", "FAILED", 8),
+    ]
+    mlf = SimpleNamespace(search_runs=lambda *a, **k: list(reversed(kids)))
+    summary = ParentRun(mlf, "0", "parent").summarize("AP")
+    assert summary["status"] == {"FINISHED": 3, "FAILED": 1}
+    assert summary["outcome"] == {"completed": 3, "failed": 1}
+    assert summary["children"] == 4 and summary["runs"] == 8
+    assert summary["best_AP"] == 20.0 and summary["best_run_id"] == "b2"  # b's latest result
+    assert summary["iterations_trained"] == 4 * 4  # the four completed runs
+
+
+def test_a_relaunch_that_finishes_a_failed_cell_logs_no_failed_cell(tmp_path: Path) -> None:
+    """The parent is reused: its `n_failed` from the first launch must drop to 0 once the
+    cell's retry finished (it stayed 1, and counted runs: `n_finished` 1 + `n_failed` 1)."""
+    from retina_sweep.sweep import ParentRun
+
+    mlf = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    exp = mlf.create_experiment("retina_sweep")
+    parent = mlf.create_run(exp, tags={"is_parent": "true"}).info.run_id
+
+    def child(status: str, outcome: str) -> None:
+        tags = {"mlflow.parentRunId": parent, "outcome": outcome, "config_hash": "h"}
+        run_id = mlf.create_run(exp, tags=tags).info.run_id
+        mlf.set_terminated(run_id, status)
+        time.sleep(0.01)  # distinct start times
+
+    child("FAILED", "failed")
+    ParentRun(mlf, exp, parent).close(status="FAILED")
+    assert mlf.get_run(parent).data.metrics["n_failed"] == 1
+    child("FINISHED", "completed")
+    summary = ParentRun(mlf, exp, parent).close()
+    assert summary["status"] == {"FINISHED": 1}
+    metrics = mlf.get_run(parent).data.metrics
+    assert metrics["n_failed"] == 0 and metrics["n_finished"] == 1
+    assert metrics["n_completed"] == 1 and metrics["n_runs"] == 2

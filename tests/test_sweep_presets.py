@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from retina_sweep.config import config_hash, validate
 from retina_sweep.data.transforms import resize_factor, resized_size
-from retina_sweep.sweep import expand_cells, format_value
+from retina_sweep.sweep import Cell, SweepError, expand_cells, format_value, unique_cells
 
 
 def cells_of(preset: str, extra: list[str] | None = None, seeds: int | None = None):
@@ -165,6 +165,67 @@ def test_a_grid_axis_overridden_on_the_command_line_runs_part_of_a_preset() -> N
         partial = compose_config(["+sweep=gamma", part, *cell.override_list()])
         full = compose_config(["+sweep=gamma", *cell.override_list()])
         assert config_hash(partial) == config_hash(full)
+
+
+def test_a_command_line_value_of_a_grid_key_replaces_that_axis() -> None:
+    """`+sweep=gamma loss.gamma=0,2` once crossed the command-line gammas with the grid's, the
+    grid's value winning in every cell: the 21 preset cells each twice (42 trials). A fixed
+    `loss.alpha=0.25` was overwritten by the grid's alphas in every cell."""
+    cfg = compose_config(["+sweep=gamma"], hydra=True)
+    grid = OmegaConf.to_container(cfg.sweep.grid, resolve=True)
+    alphas, gammas = (0.25, 0.5, 0.75), list(grid["loss.gamma"])
+    swept = expand_cells(grid=grid, rows=None, cli_sweeps={"loss.gamma": [0, 2]})
+    pairs = [(c.overrides["loss.gamma"], c.overrides["loss.alpha"]) for c in swept]
+    assert pairs == [(g, a) for g in (0, 2) for a in alphas]
+    assert swept[0].label == "gamma=0,alpha=0.25"  # the axis keeps its place in the grid
+    # A fixed value is a one-value axis; fixed overrides of other keys are left alone.
+    fixed = expand_cells(grid=grid, rows=None, cli_fixed={"loss.alpha": 0.25, "scale": "smoke"})
+    pairs = [(c.overrides["loss.gamma"], c.overrides["loss.alpha"]) for c in fixed]
+    assert pairs == [(g, 0.25) for g in gammas]
+    assert all("scale" not in c.overrides for c in fixed)
+    # Each cell is the preset's own cell: the same config hash, so resume matches them.
+    for cell in fixed[:2]:
+        alone = compose_config(["+sweep=gamma", "loss.alpha=0.25", *cell.override_list()])
+        full = compose_config(["+sweep=gamma", *cell.override_list()])
+        assert config_hash(alone) == config_hash(full)
+    # A command-line sweep of a key the grid does not sweep is still crossed with it.
+    crossed = expand_cells(grid={"loss.gamma": [0.0, 2.0]}, rows=None, cli_sweeps={"seed": [0, 5]})
+    assert [(c.seed, c.overrides["loss.gamma"]) for c in crossed] == [
+        (0, 0.0),
+        (0, 2.0),
+        (5, 0.0),
+        (5, 2.0),
+    ]
+
+
+@pytest.mark.parametrize("how", ["cli_sweeps", "cli_fixed"])
+def test_a_command_line_value_of_a_key_the_rows_set_is_an_error_naming_it(how: str) -> None:
+    """The rows would overwrite it (a row is one listed combination): said, not ignored."""
+    _, cells = cells_of("anchors")
+    cfg = compose_config(["+sweep=anchors"], hydra=True)
+    rows = OmegaConf.to_container(cfg.sweep.rows, resolve=True)
+    key = "model.anchors.scales_per_octave"
+    value = {"cli_sweeps": {key: [1, 2]}, "cli_fixed": {key: 2}}[how]
+    with pytest.raises(SweepError, match=key):
+        expand_cells(grid=None, rows=rows, **{how: value})
+    # A key no row sets is not affected.
+    assert len(expand_cells(grid=None, rows=rows, cli_fixed={"loss.alpha": 0.5})) == len(cells)
+
+
+def test_a_swept_seed_overlapping_the_seed_repeats_runs_each_seed_once() -> None:
+    """`seed=0,1 sweep.seeds=2` expands to seeds 0,1,1,2: the two seed-1 cells are one
+    experiment (one config hash); the sweeper launches the first only."""
+    cells = expand_cells(
+        grid={"loss.gamma": [0.0]}, rows=None, cli_sweeps={"seed": [0, 1]}, seeds=2
+    )
+    assert [c.seed for c in cells] == [0, 1, 1, 2]
+    for cell in cells:
+        cell.config_hash = config_hash(compose_config(cell.override_list()))
+    kept, dropped = unique_cells(cells)
+    assert [c.seed for c in kept] == [0, 1, 2]
+    assert [c.seed for c in dropped] == [1] and dropped[0] is cells[2]
+    # Cells not yet hashed are all kept.
+    assert unique_cells([Cell({}, seed=0), Cell({}, seed=0)])[1] == []
 
 
 def test_format_value_round_trips_through_hydra() -> None:

@@ -2,7 +2,9 @@
 
 Compared with Hydra's basic sweeper it
 - expands the preset's `sweep.grid` (crossed) and `sweep.rows` (listed) and `sweep.seeds`,
-  together with any command-line sweep (`loss.gamma=0,1,2`);
+  together with any command-line sweep (`loss.gamma=0,1,2`): a command-line value, swept or
+  fixed, of a key the grid sweeps replaces that axis; one of a key the rows set is an error;
+- launches each config hash once (cells that are the same experiment are dropped, and counted);
 - composes and validates every cell before launching any, so a bad value stops the sweep before
   work is wasted;
 - skips cells whose config hash already has a FINISHED MLflow run (unless `sweep.force=true`),
@@ -61,9 +63,16 @@ class RetinaGridSweeper(Sweeper):
         )
 
     # -- helpers -----------------------------------------------------------------------------
-    def _split_cli(self, arguments: list[str]) -> tuple[list[str], dict[str, list[Any]]]:
+    def _split_cli(
+        self, arguments: list[str]
+    ) -> tuple[list[tuple[str, str, Any]], dict[str, list[Any]]]:
+        """(the fixed overrides as (key, override line, value), the sweeps as key -> values).
+
+        A fixed override's key is its config key or group without the `+`/`++` prefix (what a
+        preset's grid names); a deletion (`~key`) keeps its prefix, so it matches no grid key.
+        """
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
-        fixed: list[str] = []
+        fixed: list[tuple[str, str, Any]] = []
         sweeps: dict[str, list[Any]] = {}
         for override in parser.parse_overrides(arguments):
             if override.is_sweep_override():
@@ -75,7 +84,9 @@ class RetinaGridSweeper(Sweeper):
                         "(hydra/sweeper=optuna), not the grid sweeper"
                     )
             else:
-                fixed.append(override.input_line)
+                plain = override.package is None and not override.is_delete()
+                key = override.key_or_group if plain else override.get_key_element()
+                fixed.append((key, override.input_line, override.value() if plain else None))
         return fixed, sweeps
 
     def _batch_size(self) -> int:
@@ -98,31 +109,43 @@ class RetinaGridSweeper(Sweeper):
         from retina_sweep.sweep import (
             ParentRun,
             Progress,
+            SweepError,
             add_table_tag,
             expand_cells,
             finished_hashes,
             sweep_hash,
+            unique_cells,
         )
         from retina_sweep.tracking import client
 
         cfg = self.config
-        fixed, cli_sweeps = self._split_cli(arguments)
+        fixed_overrides, cli_sweeps = self._split_cli(arguments)
         spec = cfg.sweep
-        cells = expand_cells(
-            grid=OmegaConf.to_container(spec.grid, resolve=True) if spec.grid else None,
-            rows=OmegaConf.to_container(spec.rows, resolve=True) if spec.rows else None,
-            cli_sweeps=cli_sweeps,
-            seeds=int(spec.seeds),
-            base_seed=int(cfg.seed),
-        )
-        # Compose and validate every cell first: a bad value stops the sweep before any training.
-        loader = self.hydra_context.config_loader
-        trial_cfgs = []
+        name = spec.name or "multirun"
+        grid = OmegaConf.to_container(spec.grid, resolve=True) if spec.grid else None
         from retina_sweep.config import ConfigError
         from retina_sweep.data.coco import DatasetError
         from retina_sweep.train import prepare
 
+        loader = self.hydra_context.config_loader
+        trial_cfgs = []
         try:
+            # A command-line value of a key the preset's grid sweeps replaces that axis (a fixed
+            # one by its single value), so the grid does not overwrite it in every cell; one of
+            # a key the rows set is an error naming it (docs/usage.md, Sweeps).
+            cells = expand_cells(
+                grid=grid,
+                rows=OmegaConf.to_container(spec.rows, resolve=True) if spec.rows else None,
+                cli_sweeps=cli_sweeps,
+                seeds=int(spec.seeds),
+                base_seed=int(cfg.seed),
+                cli_fixed={key: value for key, _, value in fixed_overrides},
+            )
+            # The fixed values the grid took over are set by each cell.
+            fixed = [line for key, line, _ in fixed_overrides if key not in (grid or {})]
+
+            # Compose and validate every cell first: a bad value stops the sweep before any
+            # training.
             for cell in cells:
                 trial_cfg = loader.load_sweep_config(
                     master_config=cfg, sweep_overrides=fixed + cell.override_list()
@@ -140,12 +163,20 @@ class RetinaGridSweeper(Sweeper):
                 if key not in prepared:
                     prepared.add(key)
                     prepare(trial_cfg)
-        except (ConfigError, DatasetError) as exc:
+        except (ConfigError, DatasetError, SweepError) as exc:
             # Nothing has been launched or logged yet: one line naming the key or the file, and
             # exit status 2 (a bad command line), not a traceback.
-            name = spec.name or "multirun"
             print(f"[{name}] stopped before any trial: {exc}", file=sys.stderr)
             raise SystemExit(2) from None
+
+        # Cells with one config hash are one experiment (a swept seed overlapping the
+        # `sweep.seeds` repeats, values that differ only in spelling): launch the first only.
+        cells, repeats = unique_cells(cells)
+        if repeats:
+            print(
+                f"[{name}] dropped {len(repeats)} duplicate cell(s), the same experiment as "
+                "another cell: " + ", ".join(f"{c.label} seed={c.seed}" for c in repeats)
+            )
 
         sweep_dir = Path(cfg.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -158,7 +189,6 @@ class RetinaGridSweeper(Sweeper):
             done = finished_hashes(mlf, tracking.experiment, [c.config_hash for c in cells])
         todo = [c for c in cells if c.config_hash not in done]
         skipped = [c for c in cells if c.config_hash in done]
-        name = spec.name or "multirun"
         print(
             f"[{name}] {len(cells)} trials: {len(todo)} to run, {len(skipped)} already finished"
             + (" (sweep.force=true recomputes them)" if skipped else "")
