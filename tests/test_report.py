@@ -190,7 +190,7 @@ def test_noise_verdict_uses_the_compared_rows_not_the_noisiest_row(store: Store)
     check = report.tables["1a"].checks[0]
     assert check["status"] == "holds"
     assert "margin +10.4 AP" in check["detail"]
-    assert "compared rows 1.4 (beyond the seed spread)" in check["detail"]
+    assert "compared rows 1.4 (beyond the seed spread, 2 std = 2.8 AP)" in check["detail"]
 
 
 def test_latest_finished_run_per_config_wins_over_a_later_failure(store: Store) -> None:
@@ -589,3 +589,211 @@ def test_a_table_says_which_precision_its_runs_trained_in(tmp_path: Path) -> Non
     report = build_report(tracking_uri=s.uri, table="1a", out=tmp_path / "r")
     assert report.tables["1a"].precisions == {"bf16": 2, "fp32 (untagged)": 1}
     assert "Training precision of the runs: bf16 x 2, fp32 (untagged) x 1 (mixed" in report.markdown
+
+
+def test_a_row_keeps_one_experiment_and_names_what_it_left_out(tmp_path: Path) -> None:
+    """Runs with the same row keys but other settings are other experiments, not more seeds."""
+    s = Store(tmp_path)
+
+    def ce(alpha, ap, seed=0, **params):
+        p = {"loss.alpha": alpha, "loss.gamma": 0.0, "train.iterations": 400, **params}
+        return s.run(table="1a", sweep="alpha", params=p, ap=ap, seed=seed)
+
+    # alpha .25 at seed 0: a short run (50 iterations, an older default), then the real one.
+    ce(0.25, 10.0, **{"train.iterations": 50})
+    ce(0.25, 32.0)
+    # `+sweep=alpha loss.gamma=0,2`: focal-loss runs tagged 1a beside the CE ones (ints logged).
+    ce(0.5, 20.0, seed=0, **{"loss.gamma": 0})
+    ce(0.5, 22.0, seed=1, **{"loss.gamma": 0})
+    ce(0.5, 30.0, seed=0, **{"loss.gamma": 2})
+    # alpha .75: the same settings and seed twice under two config hashes (e.g. a pretraining
+    # version bump): one seed, the later run.
+    s.run(
+        table="1a",
+        sweep="alpha",
+        params={"loss.alpha": 0.75, "loss.gamma": 0.0, "train.iterations": 400},
+        ap=25.0,
+        chash="old",
+    )
+    s.run(
+        table="1a",
+        sweep="alpha",
+        params={"loss.alpha": 0.75, "loss.gamma": 0.0, "train.iterations": 400},
+        ap=27.0,
+        chash="new",
+    )
+    # alpha .9: a finished run, then a failed one of other settings: the finished one is kept.
+    ce(0.9, 24.0)
+    s.run(
+        table="1a",
+        sweep="alpha",
+        params={"loss.alpha": 0.9, "loss.gamma": 0.0, "train.iterations": 800},
+        ap=None,
+        status="FAILED",
+        outcome="failed",
+    )
+    t = build_report(tracking_uri=s.uri, table="1a", out=tmp_path / "r").tables["1a"]
+    rows = t.rows.set_index("alpha")
+    assert rows.loc[0.25, "n"] == 1 and rows.loc[0.25, "AP"] == pytest.approx(32.0)
+    assert rows.loc[0.25, "state"] == "1 ok"
+    # the latest run's experiment (gamma 2) is the row; the two CE seeds are left out
+    assert rows.loc[0.5, "n"] == 1 and rows.loc[0.5, "AP"] == pytest.approx(30.0)
+    assert rows.loc[0.75, "n"] == 1 and rows.loc[0.75, "AP"] == pytest.approx(27.0)
+    assert rows.loc[0.9, "state"] == "1 ok" and rows.loc[0.9, "AP"] == pytest.approx(24.0)
+    notes = "\n".join(t.notes)
+    assert "alpha 0.25: 1 run of other settings left out (train.iterations 50; kept 400)" in notes
+    assert "alpha 0.5: 2 runs of other settings left out (loss.gamma 0; kept 2)" in notes
+    assert "alpha 0.75: 1 earlier run of the same seed left out" in notes
+    assert "alpha 0.9: 1 run of other settings left out (train.iterations 800; kept 400)" in notes
+    md = to_markdown(t)
+    assert "alpha 0.5: 2 runs of other settings left out" in md
+
+
+def test_best_over_compares_cells_of_one_experiment(tmp_path: Path) -> None:
+    """Table 1(b)'s best alpha per gamma is chosen among runs of the same settings."""
+    s = Store(tmp_path)
+    for alpha, iters, ap in ((0.25, 50, 40.0), (0.5, 400, 30.0), (0.75, 400, 28.0)):
+        p = {"loss.gamma": 2.0, "loss.alpha": alpha, "train.iterations": iters}
+        s.run(table="1b", sweep="gamma", params=p, ap=ap)
+    t = build_report(tracking_uri=s.uri, table="1b", out=tmp_path / "r").tables["1b"]
+    row = t.rows.set_index("gamma").loc[2.0]
+    assert row["best alpha"] == 0.5 and row["AP"] == pytest.approx(30.0)
+    assert any(n.startswith("gamma 2: 1 run of other settings left out") for n in t.notes)
+
+
+def test_rows_come_in_the_papers_order_then_ours(tmp_path: Path) -> None:
+    s = Store(tmp_path)
+    for sc, ar in ((3, 3), (1, 1), (5, 3), (2, 3), (1, 3), (2, 1)):
+        ratios = [0.5, 1.0, 2.0] if ar == 3 else [1.0]
+        p = {"model.anchors.scales_per_octave": sc, "model.anchors.aspect_ratios": ratios}
+        s.run(table="1c", sweep="anchors", params=p, ap=float(sc + ar))
+    t = build_report(tracking_uri=s.uri, table="1c", out=tmp_path / "c").tables["1c"]
+    got = list(zip(t.rows["#sc"].astype(int), t.rows["#ar"].astype(int), strict=True))
+    # the paper's 1(c): 1x1, 2x1, 3x1, 1x3, 2x3, 3x3, 4x3; ours-only (5x3) after
+    assert got == [(1, 1), (2, 1), (3, 1), (1, 3), (2, 3), (3, 3), (4, 3), (5, 3)]
+    assert t.rows.set_index(["#sc", "#ar"]).loc[(4, 3), "state"] == "missing"
+
+    s.run(table="1d", sweep="ohem", params={"loss.name": "focal", "loss.alpha": 0.25}, ap=30.0)
+    for batch, nms in ((512, 0.5), (128, 0.7)):
+        p = {"loss.name": "ohem", "loss.batch_size": batch, "loss.nms_thresh": nms}
+        s.run(table="1d", sweep="ohem", params=p, ap=20.0)
+    d = build_report(tracking_uri=s.uri, table="1d", out=tmp_path / "d").tables["1d"]
+    assert list(d.rows["method"]) == ["OHEM"] * 6 + ["OHEM 1:3"] * 3 + ["FL"]
+    assert list(d.rows["batch"].iloc[:3]) == [128, 256, 512]
+    assert list(d.rows["nms"].iloc[:4]) == [0.7, 0.7, 0.7, 0.5]
+
+
+def _check(table, name_start: str) -> dict:
+    return next(c for c in table.checks if c["name"].startswith(name_start))
+
+
+def test_near_best_decides_and_words_with_the_same_tolerance(tmp_path: Path) -> None:
+    # gamma 2: 30.0 and 30.42 (mean 30.21, std 0.30); the best, gamma 1: 31.0. Margin -0.8 is
+    # inside the 1-AP tolerance although beyond 2 std (0.6).
+    s = Store(tmp_path)
+    for seed, ap in enumerate((30.0, 30.42)):
+        p = {"loss.gamma": 2.0, "loss.alpha": 0.25}
+        s.run(table="1b", sweep="gamma", params=p, ap=ap, seed=seed)
+    s.run(table="1b", sweep="gamma", params={"loss.gamma": 1.0, "loss.alpha": 0.25}, ap=31.0)
+    t = build_report(tracking_uri=s.uri, table="1b", out=tmp_path / "r").tables["1b"]
+    c = _check(t, "gamma 2 is at or near")
+    assert c["status"] == "holds"
+    assert "within the 1-AP tolerance" in c["detail"] and "beyond" not in c["detail"]
+    # 2 std wider than 1 AP: the tolerance is 2 std, and the wording says so
+    s.run(
+        table="1b", sweep="gamma", params={"loss.gamma": 1.0, "loss.alpha": 0.25}, ap=36.0, seed=1
+    )
+    t = build_report(tracking_uri=s.uri, table="1b", out=tmp_path / "r2").tables["1b"]
+    c = _check(t, "gamma 2 is at or near")  # margin 30.21 - 33.5 = -3.3, 2 std = 7.1
+    assert c["status"] == "holds" and "within noise (2 std = 7.1 AP)" in c["detail"]
+    s.run(table="1b", sweep="gamma", params={"loss.gamma": 0.5, "loss.alpha": 0.25}, ap=40.0)
+    t = build_report(tracking_uri=s.uri, table="1b", out=tmp_path / "r3").tables["1b"]
+    c = _check(t, "gamma 2 is at or near")  # margin -9.8 against the single-seed 40.0
+    assert c["status"] == "fails" and "beyond the 1-AP tolerance" in c["detail"]
+
+
+def test_a_tie_at_the_bottom_holds_for_a_lowest_check(tmp_path: Path) -> None:
+    s = Store(tmp_path)
+    for alpha, ap in ((0.1, 0.0), (0.25, 0.0), (0.5, 20.0)):
+        s.run(table="1a", sweep="alpha", params={"loss.alpha": alpha, "loss.gamma": 0.0}, ap=ap)
+    t = build_report(tracking_uri=s.uri, table="1a", out=tmp_path / "r").tables["1a"]
+    c = _check(t, "CE with alpha .10 collapses")
+    assert c["status"] == "holds" and "tied" in c["detail"]
+
+
+def test_best_focal_loss_check_leaves_out_gamma_0(tmp_path: Path) -> None:
+    # 1(b)'s gamma-0 row is CE itself: at 26.5 it beats 1(a)'s best CE (26.0), but no focal
+    # loss (gamma > 0) does.
+    s = Store(tmp_path)
+    for alpha, ap in ((0.1, 0.5), (0.75, 26.0)):
+        s.run(table="1a", sweep="alpha", params={"loss.alpha": alpha, "loss.gamma": 0.0}, ap=ap)
+    for gamma, alpha, ap in ((0.0, 0.75, 26.5), (1.0, 0.25, 25.0), (2.0, 0.25, 24.0)):
+        s.run(table="1b", sweep="gamma", params={"loss.gamma": gamma, "loss.alpha": alpha}, ap=ap)
+    t = build_report(tracking_uri=s.uri, table="1b", out=tmp_path / "r").tables["1b"]
+    c = _check(t, "the best focal loss beats")
+    assert c["status"] == "fails" and "margin -1.0 AP" in c["detail"]
+
+
+def test_spearman_of_constant_values_says_why_not_needs_3(tmp_path: Path) -> None:
+    s = Store(tmp_path)
+    for alpha in (0.25, 0.5, 0.75):
+        s.run(table="1a", sweep="alpha", params={"loss.alpha": alpha, "loss.gamma": 0.0}, ap=5.0)
+    t = build_report(tracking_uri=s.uri, table="1a", out=tmp_path / "r").tables["1a"]
+    md = to_markdown(t)
+    assert t.spearman is None and "needs 3" not in md
+    assert "undefined for constant values" in md
+
+
+def test_gammas_logged_as_ints_land_in_their_rows(tmp_path: Path) -> None:
+    # A command-line sweep `loss.gamma=0,2` logs '0' and '2', not '0.0' and '2.0'.
+    s = Store(tmp_path)
+    s.run(table="1b", sweep="gamma", params={"loss.gamma": 0, "loss.alpha": 0.75}, ap=20.0)
+    s.run(table="1b", sweep="gamma", params={"loss.gamma": 2, "loss.alpha": 0.25}, ap=30.0)
+    s.run(
+        table="1b", sweep="gamma", params={"loss.gamma": "2.0", "loss.alpha": 0.25}, ap=32.0, seed=1
+    )
+    t = build_report(tracking_uri=s.uri, table="1b", out=tmp_path / "r").tables["1b"]
+    assert len(t.rows) == 7  # the paper's 7 gammas, no extra rows
+    rows = t.rows.set_index("gamma")
+    assert rows.loc[0.0, "AP"] == pytest.approx(20.0) and rows.loc[0.0, "paper AP"] == 31.1
+    assert rows.loc[2.0, "n"] == 2 and rows.loc[2.0, "AP"] == pytest.approx(31.0)
+    assert rows.loc[2.0, "paper AP"] == 34.0
+    assert list(t.rows["gamma"]) == [0.0, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0]
+
+
+def test_paper_table_1b_matches_the_paper() -> None:
+    paper = load_paper()
+    b = paper[paper["table"] == "1b"]
+    got = [(g, a, ap) for g, a, ap in zip(b["gamma"], b["alpha"], b["AP"], strict=True)]
+    assert got == [
+        (0.0, 0.75, 31.1),
+        (0.1, 0.75, 31.4),
+        (0.2, 0.75, 31.9),
+        (0.5, 0.5, 32.9),
+        (1.0, 0.25, 33.7),
+        (2.0, 0.25, 34.0),
+        (5.0, 0.25, 32.2),
+    ]
+
+
+def test_a_param_that_follows_the_seed_does_not_split_a_row(tmp_path: Path) -> None:
+    """random 1:3 logs `loss.seed: ${seed}`: its seeds are one experiment; a fixed data seed
+    that differs is not."""
+    s = Store(tmp_path)
+    for seed, ap, data_seed in ((0, 20.0, 0), (1, 22.0, 0), (2, 40.0, 7)):
+        p = {"loss.name": "random_1to3", "loss.batch_size": 128, "loss.nms_thresh": 0.5}
+        p |= {"loss.seed": seed, "data.synthetic.seed": data_seed, "seed": seed}
+        s.run(table="1d", sweep="ohem", params=p, ap=ap, seed=seed)
+    for seed, ap in ((0, 30.0), (1, 32.0)):
+        p = {"loss.name": "random_1to3", "loss.batch_size": 256, "loss.nms_thresh": 0.5}
+        p |= {"loss.seed": seed, "data.synthetic.seed": 0, "seed": seed}
+        s.run(table="1d", sweep="ohem", params=p, ap=ap, seed=seed)
+    t = build_report(tracking_uri=s.uri, table="1d", out=tmp_path / "d").tables["1d"]
+    rows = t.rows[t.rows["method"] == "random 1:3"].set_index("batch")
+    assert rows.loc[256, "n"] == 2 and rows.loc[256, "AP"] == pytest.approx(31.0)
+    # batch 128: the latest run (data seed 7) is the experiment; seeds 0 and 1 are another one
+    assert rows.loc[128, "n"] == 1 and rows.loc[128, "AP"] == pytest.approx(40.0)
+    assert t.notes == [
+        "method random 1:3, batch 128, nms 0.5: 2 runs of other settings left out "
+        "(data.synthetic.seed 0; kept 7)"
+    ]

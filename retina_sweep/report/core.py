@@ -2,9 +2,10 @@
 
 Pipeline: `load_runs` (mlflow.search_runs -> pandas, parents dropped) -> `latest_per_config`
 (the latest FINISHED run of each config hash; a config with none keeps its latest run so its
-failure shows) -> `build_table(spec, runs, paper)` (rows keyed by the spec's params, seeds
-aggregated as mean ± std with n, best-over selection, paper match, difference, Spearman, headline
-checks). Every table is described by data (`tables.yaml`), not by code.
+failure shows) -> `build_table(spec, runs, paper)` (rows keyed by the spec's params; per row one
+experiment, `one_experiment_per_row`: the settings of its latest finished run, one run per seed;
+seeds aggregated as mean ± std with n, best-over selection, paper match in the paper's row order,
+difference, Spearman, headline checks). Every table is described by data (`tables.yaml`), not by code.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from retina_sweep.config import HASH_EXCLUDE, HASH_SECTIONS
 from retina_sweep.sweep import ALSO_TABLES_TAG
 
 __all__ = [
@@ -69,6 +71,8 @@ class Table:
     # Training precision (the runs' `precision` tag) -> number of runs behind the table; runs
     # from before the tag existed count as "fp32 (untagged)".
     precisions: dict[str, int] = field(default_factory=dict)
+    # Runs left out of a row (other settings than the row's experiment, repeats of a seed).
+    notes: list[str] = field(default_factory=list)
 
 
 def load_specs(path: str | Path | None = None) -> dict[str, TableSpec]:
@@ -252,6 +256,118 @@ def _norm(v: Any) -> Any:
     return v
 
 
+def _ident_value(v: Any) -> Any:
+    """A hashable, comparable form of a logged param ('2' == '2.0', lists as tuples)."""
+    v = _parse(v)
+    if isinstance(v, list | tuple):
+        return tuple(_ident_value(x) for x in v)
+    if isinstance(v, dict):
+        return tuple(sorted((str(k), _ident_value(x)) for k, x in v.items()))
+    return _norm(v)
+
+
+def _key_params(spec: TableSpec) -> set[str]:
+    out = {k["param"] for k in spec.keys + spec.best_over}
+    if any(k.get("transform") == "levels" for k in spec.keys):
+        out |= {"model.fpn.min_level", "model.fpn.max_level", "model.fpn.variant"}
+    return out
+
+
+def _is_identity_param(name: str) -> bool:
+    """A param that defines the experiment (config.HASH_SECTIONS less HASH_EXCLUDE); the seed,
+    sweep.*, tracking.*, paths.*, device and the like do not."""
+    if name.split(".", 1)[0] not in HASH_SECTIONS or name == "seed":
+        return False
+    return not any(name == e or name.startswith(e + ".") for e in HASH_EXCLUDE)
+
+
+def _shown(v: Any) -> str:
+    if v is None:
+        return "not logged"
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, tuple):
+        return "[" + ", ".join(_shown(x) for x in v) + "]"
+    return str(v)
+
+
+def _row_label(names: list[str], values: tuple) -> str:
+    return ", ".join(f"{n} {_shown(_norm(v))}" for n, v in zip(names, values, strict=True))
+
+
+def _runs(n: int) -> str:
+    return f"{n} run" if n == 1 else f"{n} runs"
+
+
+def one_experiment_per_row(keyed: pd.DataFrame, spec: TableSpec) -> tuple[pd.DataFrame, list[str]]:
+    """Per row (the spec's keys), the runs of one experiment: those whose identity params (the
+    logged config less the row's keys, the seed and runtime keys) equal those of the row's latest
+    FINISHED run (else its latest run); then per cell (keys and best_over) and seed the latest
+    FINISHED run, else the latest. Returns the runs kept and a note per row that left some out
+    (how many, one param that differs and its values)."""
+    if keyed.empty:
+        return keyed, []
+    keys = _key_params(spec)
+    id_cols = sorted(
+        c
+        for c in keyed.columns
+        if c.startswith("params.") and _is_identity_param(c[7:]) and c[7:] not in keys
+    )
+    keyed = keyed.copy()
+    keyed["_vals"] = [
+        tuple(_ident_value(v) for v in r) for r in keyed[id_cols].itertuples(index=False)
+    ]
+    seed_col = next((c for c in ("params.seed", "tags.seed") if c in keyed), None)
+    seeds = keyed[seed_col] if seed_col else pd.Series(None, index=keyed.index)
+    keyed["_seed"] = [
+        _ident_value(s) if _ident_value(s) is not None else rid
+        for s, rid in zip(seeds, keyed["run_id"], strict=True)
+    ]
+    names = spec.key_names
+    keyed["_rkey"] = [tuple(_norm(v) for v in r) for r in keyed[names].itertuples(index=False)]
+    keyed = keyed.sort_values("start_time", kind="stable")
+    kept, notes = [], []
+    for rkey, row in keyed.groupby("_rkey", sort=False):
+        # A param that equals the seed in every run of the row (`loss.seed: ${seed}` of random
+        # 1:3) says nothing beyond the seed.
+        cols = [
+            i
+            for i in range(len(id_cols))
+            if not all(v[i] == sd for v, sd in zip(row["_vals"], row["_seed"], strict=True))
+        ]
+        row = row.assign(_ident=[tuple(v[i] for i in cols) for v in row["_vals"]])
+        finished = row[row["status"] == "FINISHED"]
+        ref = (finished if len(finished) else row).iloc[-1]
+        same = row[row["_ident"] == ref["_ident"]]
+        other = row[row["_ident"] != ref["_ident"]]
+        label = _row_label(names, rkey)
+        if len(other):
+            differ = next(i for i in cols if any(v[i] != ref["_vals"][i] for v in other["_vals"]))
+            values = sorted(
+                {_shown(v[differ]) for v in other["_vals"] if v[differ] != ref["_vals"][differ]}
+            )
+            notes.append(
+                f"{label}: {_runs(len(other))} of other settings left out "
+                f"({id_cols[differ][7:]} {', '.join(values)}; kept {_shown(ref['_vals'][differ])})"
+            )
+        cell = [*names, *(b["name"] for b in spec.best_over)]
+        same = same.assign(
+            _cell=[tuple(_norm(v) for v in r) for r in same[cell].itertuples(index=False)],
+            _fin=(same["status"] == "FINISHED").astype(int),
+        )
+        # Stable: among finished (or among not finished) runs the latest start comes last.
+        one = same.sort_values("_fin", kind="stable").groupby(["_cell", "_seed"]).tail(1)
+        if len(one) < len(same):
+            n = len(same) - len(one)
+            notes.append(
+                f"{label}: {n} earlier run{'s' if n > 1 else ''} of the same seed left out "
+                "(same logged settings, another config hash)"
+            )
+        kept.append(one.drop(columns=["_cell", "_fin", "_ident"]))
+    out = pd.concat(kept).sort_values("start_time", kind="stable")
+    return out.drop(columns=["_vals", "_seed", "_rkey"]), notes
+
+
 def _fmt_state(states: list[str]) -> str:
     counts: dict[str, int] = {}
     for s in states:
@@ -279,6 +395,7 @@ def _paper_rows(spec: TableSpec, paper: pd.DataFrame) -> pd.DataFrame:
         out[f"paper {m}"] = p[src].values if src in p else math.nan
     for src, dst in (spec.paper.get("show") or {}).items():
         out[dst] = p[src].values
+    out["_porder"] = range(len(out))
     return out.reset_index(drop=True)
 
 
@@ -293,11 +410,15 @@ def build_table(spec: TableSpec, runs: pd.DataFrame, paper: pd.DataFrame | None)
     names = spec.key_names
     best_names = [b["name"] for b in spec.best_over]
     records: list[dict[str, Any]] = []
+    notes: list[str] = []
     if not runs.empty:
         runs = latest_per_config(runs)
         keyed = runs.copy()
         for key in spec.keys + spec.best_over:
             keyed[key["name"]] = [_key_value(key, r) for _, r in keyed.iterrows()]
+        # Same keys, other settings (another scale, another gamma in 1(a)): not more seeds.
+        keyed, notes = one_experiment_per_row(keyed, spec)
+        runs = runs[runs["run_id"].isin(keyed["run_id"])]
         group_cols = names + best_names
         # Normalise per value, not with DataFrame.map: pandas turns the None of a float column
         # back into NaN, and NaN != NaN would split a row (FL has no OHEM batch) from its paper row.
@@ -323,11 +444,11 @@ def build_table(spec: TableSpec, runs: pd.DataFrame, paper: pd.DataFrame | None)
         our_keys = set(ours["_key"]) if not ours.empty else set()
         if not our_keys:
             # No runs yet: the table says so and shows the paper's rows for reference.
-            paper_ref = prow.drop(columns="_key")
+            paper_ref = prow.drop(columns=["_key", "_porder"])
             merged = ours
         elif not our_keys & set(prow["_key"]):
             # Ours ran at another scale (e.g. the proxy's depth x scale grid): no row matches.
-            paper_ref = prow.drop(columns="_key")
+            paper_ref = prow.drop(columns=["_key", "_porder"])
             merged = ours
         else:
             if ours.empty:
@@ -364,20 +485,33 @@ def build_table(spec: TableSpec, runs: pd.DataFrame, paper: pd.DataFrame | None)
         counts = tags.fillna("").replace("", "fp32 (untagged)").value_counts()
         precisions = {str(k): int(v) for k, v in counts.sort_index().items()}
     return Table(
-        spec, merged.reset_index(drop=True), rho, n_rho, checks, paper_ref, n_runs, precisions
+        spec,
+        merged.reset_index(drop=True),
+        rho,
+        n_rho,
+        checks,
+        paper_ref,
+        n_runs,
+        precisions,
+        notes,
     )
 
 
-def _sort_rows(df: pd.DataFrame, spec: TableSpec) -> pd.DataFrame:
-    if spec.paper and "paper AP" in df:
-        # Paper order first (its rows keep their published order), ours-only rows after.
-        df = df.copy()
-        df["_order"] = range(len(df))
-        return df.sort_values("_order", kind="stable").drop(columns="_order")
+def _sort_keys(df: pd.DataFrame, spec: TableSpec) -> pd.DataFrame:
     try:
-        return df.sort_values(spec.key_names, kind="stable")
+        return df.sort_values(spec.key_names, kind="stable", na_position="first")
     except TypeError:
         return df
+
+
+def _sort_rows(df: pd.DataFrame, spec: TableSpec) -> pd.DataFrame:
+    if "_porder" not in df:
+        return _sort_keys(df, spec)
+    # The paper's rows in their published order (`_porder`: their order in paper_table1.csv),
+    # then ours without a paper row, by their keys.
+    in_paper = df[df["_porder"].notna()].sort_values("_porder", kind="stable")
+    ours_only = _sort_keys(df[df["_porder"].isna()], spec)
+    return pd.concat([in_paper, ours_only]).drop(columns="_porder")
 
 
 def _spearman(df: pd.DataFrame) -> tuple[float | None, int]:
@@ -437,8 +571,12 @@ def run_checks(spec: TableSpec, df: pd.DataFrame, others: dict[str, Table] | Non
                         other = _best(have)
                         margin = value - float(other["AP"].iloc[0])
                     spread = _spread(pd.concat([sel, other]))
-                    ok = margin > 0 if kind == "lowest" else margin >= -max(1.0, 2 * spread)
-                    res.update(_verdict(ok, margin, spread))
+                    if kind == "lowest":
+                        # A tie with the runner-up (two CE rows collapsed to 0 AP) is the bottom.
+                        tied = abs(margin) < 1e-9
+                        res.update(_verdict(margin > 0 or tied, margin, spread, tied=tied))
+                    else:
+                        res.update(_near_best_verdict(margin, spread))
             elif kind == "best_below":
                 a = have[_match(have, check["rows"])]
                 b = have[_match(have, check["than"])]
@@ -450,12 +588,37 @@ def run_checks(spec: TableSpec, df: pd.DataFrame, others: dict[str, Table] | Non
     return results
 
 
-def _verdict(ok: bool, margin: float, spread: float) -> dict[str, str]:
-    beyond = abs(margin) > 2 * spread if spread > 0 else None
-    note = "" if beyond is None else (" (beyond the seed spread)" if beyond else " (within noise)")
+def _verdict(ok: bool, margin: float, spread: float, tied: bool = False) -> dict[str, str]:
+    """A strict ordering (margin > 0): the margin, and whether it exceeds 2 seed std."""
+    if tied:
+        note = " (tied at the bottom)"
+    elif spread > 0:
+        side = "beyond the seed spread" if abs(margin) > 2 * spread else "within noise"
+        note = f" ({side}, 2 std = {2 * spread:.1f} AP)"
+    else:
+        note = ""
     return {
         "status": "holds" if ok else "fails",
         "detail": f"margin {margin:+.1f} AP, seed std of the compared rows {spread:.1f}{note}",
+    }
+
+
+def _near_best_verdict(margin: float, spread: float) -> dict[str, str]:
+    """At or near the best: within max(1 AP, 2 seed std) of it; the wording names the one used."""
+    if 2 * spread > 1.0:
+        tolerance, name = 2 * spread, f"noise (2 std = {2 * spread:.1f} AP)"
+    else:
+        tolerance, name = 1.0, "the 1-AP tolerance"
+    ok = margin >= -tolerance
+    if margin >= 0:
+        where = "the best row"
+    elif ok:
+        where = f"within {name}"
+    else:
+        where = f"beyond {name}"
+    return {
+        "status": "holds" if ok else "fails",
+        "detail": f"margin {margin:+.1f} AP, seed std of the compared rows {spread:.1f} ({where})",
     }
 
 
@@ -473,6 +636,9 @@ def resolve_cross_checks(tables: dict[str, Table]) -> None:
                 if other is not None and "AP" in other.rows
                 else pd.DataFrame()
             )
+            if len(mine) and check.get("exclude"):
+                # e.g. 1(b)'s gamma 0 row is CE itself, not a focal loss
+                mine = mine[~_match(mine, check["exclude"])]
             if len(mine) and len(theirs):
                 margin = float(mine["AP"].max()) - float(theirs["AP"].max())
                 spread = max(_spread(_best(mine)), _spread(_best(theirs)))

@@ -75,6 +75,11 @@ def _trend_lines(table: Table) -> list[str]:
             f"Spearman rank correlation of our AP with the paper's over {table.spearman_n} rows: "
             f"**{table.spearman:+.2f}**"
         )
+    elif table.spec.paper and table.spearman_n >= 3:
+        lines.append(
+            f"Spearman rank correlation: n/a (our AP or the paper's is the same in all "
+            f"{table.spearman_n} rows with both values; it is undefined for constant values)"
+        )
     elif table.spec.paper:
         lines.append(
             f"Spearman rank correlation: n/a ({table.spearman_n} rows with both values; needs 3)"
@@ -82,6 +87,7 @@ def _trend_lines(table: Table) -> list[str]:
     for c in table.checks:
         mark = {"holds": "✔", "fails": "✘"}.get(c["status"], "?")
         lines.append(f"{mark} {c['name']}: **{c['status']}** — {c['detail']}")
+    lines += list(table.notes)  # runs left out of a row, and why
     if table.precisions:
         counts = ", ".join(f"{k} x {v}" for k, v in table.precisions.items())
         mixed = len(table.precisions) > 1
@@ -120,7 +126,8 @@ def to_markdown(table: Table) -> str:
             out.append("| " + " | ".join(_key(v) for v in row) + " |")
     out.append("")
     out.append(
-        "_Ours: mean ± std over seeds of the latest finished run per config; paper: Lin et al., "
+        "_Ours: mean ± std over seeds of the latest finished run per config and seed, one "
+        "experiment per row (the settings of its latest finished run); paper: Lin et al., "
         "Focal Loss for Dense Object Detection, Table 1 (COCO minival, ResNet-50/101-FPN)._"
     )
     return "\n".join(out) + "\n"
