@@ -155,16 +155,29 @@ def load_checkpoint(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def infinite_batches(loader, start_epoch: int = 0) -> Iterator[Any]:
-    epoch = start_epoch
+def infinite_batches(loader, start_iteration: int = 0) -> Iterator[Any]:
+    """The loader's batches epoch after epoch, from batch `start_iteration` of the whole run:
+    a resumed run gets exactly the batches an uninterrupted one would (the samplers' order is a
+    function of (seed, epoch), and the interrupted epoch is entered at its batch)."""
+    per_epoch = max(1, len(loader))
+    epoch, offset = divmod(int(start_iteration), per_epoch)
+    sampler = getattr(loader, "sampler", None)
+    skip = 0  # batches to load and drop: only for a sampler that cannot seek
+    if offset and hasattr(sampler, "set_start_batch"):
+        sampler.set_start_batch(offset, loader.batch_size)
+    else:
+        skip = offset
     while True:
-        sampler = getattr(loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
         batch_sampler = getattr(loader, "batch_sampler", None)
         if hasattr(batch_sampler, "set_epoch"):
             batch_sampler.set_epoch(epoch)
-        yield from loader
+        for batch in loader:
+            if skip:
+                skip -= 1
+                continue
+            yield batch
         epoch += 1
 
 
@@ -346,6 +359,10 @@ def train(
             # A checkpoint written without float16 (CPU, bf16 or amp off: the precision is not
             # part of the identity) has an empty scaler state; the fresh scaler is right then.
             scaler.load_state_dict(state["scaler"])
+        strategy_rng = getattr(raw_model.strategy, "generator", None)
+        if strategy_rng is not None and state.get("strategy_rng") is not None:
+            # Random 1:3 sampling draws from its own generator: resumed, it draws on.
+            strategy_rng.set_state(state["strategy_rng"])
         start_iter = int(state["iteration"])
         log.info("resuming from %s at iteration %d", ckpt_path, start_iter)
         tracker.set_tags({"resumed_from_iteration": start_iter})
@@ -360,6 +377,11 @@ def train(
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(),
                 "iteration": iteration,
+                "strategy_rng": (
+                    raw_model.strategy.generator.get_state()
+                    if getattr(raw_model.strategy, "generator", None) is not None
+                    else None
+                ),
             },
             ckpt_path,
         )
@@ -373,9 +395,8 @@ def train(
         timings["eval"] += time.perf_counter() - tic
         return metrics
 
-    # The data order after a resume is re-seeded from the iteration reached (weights, optimizer
-    # and schedule resume exactly; the exact batch sequence of an uninterrupted run does not).
-    batches = infinite_batches(train_loader, start_epoch=start_iter)
+    # A resumed run sees the batches an uninterrupted one would, from the iteration reached.
+    batches = infinite_batches(train_loader, start_iteration=start_iter)
     model.train()
     log_every = max(1, int(cfg.tracking.log_every))
     eval_every = int(tcfg.eval_every)

@@ -34,6 +34,25 @@ def test_global_batch_shards_union_to_the_single_process_batch(with_draws: bool)
         GlobalBatchShardSampler(data, batch_size=4, rank=3, world_size=3)
 
 
+def test_samplers_seek_to_a_batch_for_an_exact_resume() -> None:
+    """A resumed run enters its epoch at the batch it reached (train.infinite_batches): the
+    samplers then yield the rest of that epoch's order, and the next epoch from its start."""
+    data = list(range(37))
+    single = EpochShuffleSampler(data, seed=5, with_draws=True)
+    full = list(single)
+    single.set_start_batch(2, batch_size=12)
+    assert list(single) == full[24:]
+    assert list(single) == full  # one-shot: the next iteration starts at 0
+    shards = [
+        GlobalBatchShardSampler(data, batch_size=4, rank=r, world_size=3, seed=5, with_draws=True)
+        for r in range(3)
+    ]
+    for s in shards:
+        s.set_start_batch(2)
+    merged = sum((list(s) for s in shards), [])
+    assert merged == full[24:36]  # global batch 2 of 3 (37 // 12), as one process sees it
+
+
 def _cfg(tmp_path: Path, root: str, devices: int):
     return compose_config(
         [

@@ -83,18 +83,25 @@ class EpochShuffleSampler(Sampler[Any]):
         self.seed = int(seed)
         self.epoch = 0
         self.with_draws = bool(with_draws)
+        self._skip = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
+
+    def set_start_batch(self, batches: int, batch_size: int) -> None:
+        """Start the next iteration `batches` batches of `batch_size` into the epoch (a resumed
+        run continues the interrupted epoch exactly); later iterations start at 0 again."""
+        self._skip = int(batches) * int(batch_size)
 
     def __iter__(self) -> Iterator[Any]:
         g = torch.Generator()
         g.manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(self.num_samples, generator=g).tolist()
+        skip, self._skip = self._skip, 0
         if not self.with_draws:
-            return iter(order)
+            return iter(order[skip:])
         draws = torch.rand(self.num_samples, generator=g, dtype=torch.float64).tolist()
-        return iter(zip(order, draws, strict=True))
+        return iter(list(zip(order, draws, strict=True))[skip:])
 
     def __len__(self) -> int:
         return self.num_samples
@@ -137,10 +144,16 @@ class GlobalBatchShardSampler(Sampler[Any]):
     def set_epoch(self, epoch: int) -> None:
         self.order.set_epoch(epoch)
 
+    def set_start_batch(self, batches: int, batch_size: int | None = None) -> None:
+        """Start the next iteration `batches` global batches into the epoch (see
+        `EpochShuffleSampler.set_start_batch`; the batch size is this sampler's own)."""
+        self._start = int(batches)
+
     def __iter__(self) -> Iterator[Any]:
         perm = list(self.order)
         b, gb = self.batch_size, self.batch_size * self.world_size
-        for i in range(self.num_batches):
+        start, self._start = getattr(self, "_start", 0), 0
+        for i in range(start, self.num_batches):
             start = i * gb + self.rank * b
             yield from perm[start : start + b]
 
