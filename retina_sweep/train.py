@@ -141,8 +141,17 @@ def atomic_save(obj: Any, path: Path) -> None:
     """torch.save to a temp file in the same folder, then rename: a crash never leaves half."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            # On disk before the rename: after a power loss or a node failure the checkpoint is
+            # the old one or the new one, never a renamed but empty file.
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # an interrupted save leaves no stray temp file behind
+        raise
 
 
 def load_checkpoint(path: Path) -> dict[str, Any] | None:

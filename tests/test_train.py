@@ -359,3 +359,12 @@ def test_a_resumed_run_ends_with_the_uninterrupted_runs_weights(
     assert a["iteration"] == b["iteration"] == 7
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
+
+
+def test_a_failed_checkpoint_save_keeps_the_old_one_and_no_temp_file(tmp_path: Path) -> None:
+    path = tmp_path / "ck" / "last.pt"
+    train_mod.atomic_save({"iteration": 2}, path)
+    with pytest.raises(Exception):  # noqa: B017 - whatever pickle raises for a lambda
+        train_mod.atomic_save({"iteration": 4, "bad": lambda: 0}, path)
+    assert torch.load(path, weights_only=True) == {"iteration": 2}
+    assert [p.name for p in path.parent.iterdir()] == ["last.pt"]  # the temp file is gone
