@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 import hydra
 from omegaconf import DictConfig
 
@@ -13,19 +11,13 @@ def main(cfg: DictConfig) -> float:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from .config import ConfigError
-    from .data.coco import DatasetError
+    from .config import exit_on_bad_input
     from .train import run
 
-    try:
+    if HydraConfig.get().mode != RunMode.RUN:
+        return run(cfg)  # a sweep's trial: the sweeper records an error as FAILED and goes on
+    with exit_on_bad_input("retina_sweep"):
         return run(cfg)
-    except (ConfigError, DatasetError) as exc:
-        if HydraConfig.get().mode != RunMode.RUN:
-            raise  # a sweep's trial: the sweeper records it as FAILED and goes on
-        # A bad value or a bad dataset is the user's to fix: one line naming the key or file,
-        # not a traceback; exit status 2, as for a bad command line.
-        print(f"retina_sweep: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

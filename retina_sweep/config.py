@@ -16,22 +16,47 @@ skip as "finished" against another dataset's run).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import math
-from collections.abc import Callable, Iterable
+import sys
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-__all__ = ["ConfigError", "RULES", "validate", "config_hash", "identity_dict", "HASH_EXCLUDE"]
+__all__ = [
+    "ConfigError",
+    "RULES",
+    "validate",
+    "config_hash",
+    "identity_dict",
+    "HASH_EXCLUDE",
+    "exit_on_bad_input",
+]
 
 
 class ConfigError(ValueError):
     """A config value is outside what retina_sweep accepts. The message names the key."""
+
+
+@contextlib.contextmanager
+def exit_on_bad_input(prefix: str, *more: type[Exception]) -> Iterator[None]:
+    """A `ConfigError` or a `DatasetError` (or one of `more`) raised inside becomes one line on
+    stderr, `{prefix}: {message}`, and exit status 2, as for a bad command line: the user's to
+    fix, named by key or file, not a traceback. Used where nothing has started yet (a run, or a
+    sweeper before its first trial)."""
+    from .data.coco import DatasetError
+
+    try:
+        yield
+    except (ConfigError, DatasetError, *more) as exc:
+        print(f"{prefix}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 _MISSING = object()

@@ -342,24 +342,26 @@ def test_a_trial_asked_past_the_budget_in_a_race_is_never_run(tmp_path: Path) ->
     assert not (tmp_path / "trials.log").exists()  # nothing ran in this process
 
 
-@pytest.mark.slow
-def test_a_bad_fixed_value_stops_an_optuna_sweep_before_the_study(tmp_path: Path) -> None:
-    """As the grid sweeper: the base config is validated and its data made before the study
-    opens, so a bad value is one line and exit status 2, not the same error in every trial."""
-    cmd = [
+def _optuna_smoke(tmp_path: Path, *args: str) -> list[str]:
+    """`python -m retina_sweep -m hydra/sweeper=optuna scale=smoke`, outputs under tmp_path."""
+    return [
         sys.executable,
         "-m",
         "retina_sweep",
         "-m",
         "hydra/sweeper=optuna",
         "scale=smoke",
-        "tracking=none",
         f"paths.root={tmp_path}/sweeps",
         f"data.cache_dir={tmp_path}/cache",
-        "sweep.name=bad_study",
-        "train.iterations=0",
-        "loss.gamma=interval(0.0,3.0)",
+        *args,
     ]
+
+
+def test_a_bad_fixed_value_stops_an_optuna_sweep_before_the_study(tmp_path: Path) -> None:
+    """As the grid sweeper: the base config is validated and its data made before the study
+    opens, so a bad value is one line and exit status 2, not the same error in every trial."""
+    args = ["tracking=none", "sweep.name=bad_study", "train.iterations=0"]
+    cmd = _optuna_smoke(tmp_path, *args, "loss.gamma=interval(0.0,3.0)")
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "[bad_study] stopped before any trial: invalid config value train.iterations=0" in (
@@ -368,21 +370,15 @@ def test_a_bad_fixed_value_stops_an_optuna_sweep_before_the_study(tmp_path: Path
     assert not (tmp_path / "sweeps" / "bad_study" / "optuna_journal.log").exists()
 
 
+@pytest.mark.slow
 def test_optuna_sweep_of_real_trials_matches_mlflow(tmp_path: Path) -> None:
-    cmd = [
-        sys.executable,
-        "-m",
-        "retina_sweep",
-        "-m",
-        "hydra/sweeper=optuna",
-        "scale=smoke",
+    cmd = _optuna_smoke(
+        tmp_path,
         f"tracking.uri=sqlite:///{tmp_path}/m.db",
-        f"paths.root={tmp_path}/sweeps",
-        f"data.cache_dir={tmp_path}/cache",
         "sweep.name=tpe_smoke",
         "hydra.sweeper.n_trials=3",
         "loss.gamma=interval(0.0,3.0)",
-    ]
+    )
     proc = subprocess.run(
         cmd,
         cwd=tmp_path,

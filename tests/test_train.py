@@ -235,6 +235,23 @@ def _constant_losses(monkeypatch, *, nan_at: tuple[int, ...] = ()) -> None:
     monkeypatch.setattr(sampling.FocalStrategy, "forward", constant)
 
 
+def _kill_after_checkpoint_then_resume(cfg, monkeypatch, *, iteration: int) -> None:
+    """Run `cfg` until its checkpoint at `iteration` is written, interrupt it there (Ctrl-C),
+    then run it again: the second run resumes from that checkpoint."""
+    real_save = train_mod.atomic_save
+
+    def save_then_die(obj, path):
+        real_save(obj, path)
+        if obj["iteration"] == iteration:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "atomic_save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg)
+    monkeypatch.setattr(train_mod, "atomic_save", real_save)
+    run(cfg)
+
+
 def test_logged_averages_after_a_resume_between_log_points(tmp_path: Path, monkeypatch) -> None:
     """Killed after iteration 3 with log_every 4: the first window after the resume holds one
     step, not four. The loss logged at step 4 used to be 1/4 of the true average, and the one
@@ -247,18 +264,7 @@ def test_logged_averages_after_a_resume_between_log_points(tmp_path: Path, monke
         "tracking.log_every=4",
         "train.warmup_iters=0",
     )
-    real_save = train_mod.atomic_save
-
-    def save_then_die(obj, path):
-        real_save(obj, path)
-        if obj["iteration"] == 3:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_mod, "atomic_save", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        run(cfg)
-    monkeypatch.setattr(train_mod, "atomic_save", real_save)
-    run(cfg)
+    _kill_after_checkpoint_then_resume(cfg, monkeypatch, iteration=3)
     mlf, runs = only_run(tmp_path)
     resumed = runs[1]
     assert resumed.data.tags["resumed_from_iteration"] == "3"
@@ -341,18 +347,7 @@ def test_a_resumed_run_ends_with_the_uninterrupted_runs_weights(
     whole = smoke_cfg(tmp_path / "whole", *extra, f"paths.root={tmp_path}/whole")
     run(whole)
     parts = smoke_cfg(tmp_path / "parts", *extra, f"paths.root={tmp_path}/parts")
-    real_save = train_mod.atomic_save
-
-    def save_then_die(obj, path):
-        real_save(obj, path)
-        if obj["iteration"] == 3:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_mod, "atomic_save", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        run(parts)
-    monkeypatch.setattr(train_mod, "atomic_save", real_save)
-    run(parts)
+    _kill_after_checkpoint_then_resume(parts, monkeypatch, iteration=3)
     h = config_hash(whole)
     a = torch.load(tmp_path / "whole" / "checkpoints" / h / "last.pt", weights_only=True)
     b = torch.load(tmp_path / "parts" / "checkpoints" / h / "last.pt", weights_only=True)

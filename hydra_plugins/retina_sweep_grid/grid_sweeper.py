@@ -17,7 +17,6 @@ Compared with Hydra's basic sweeper it
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -123,13 +122,13 @@ class RetinaGridSweeper(Sweeper):
         spec = cfg.sweep
         name = spec.name or "multirun"
         grid = OmegaConf.to_container(spec.grid, resolve=True) if spec.grid else None
-        from retina_sweep.config import ConfigError
-        from retina_sweep.data.coco import DatasetError
+        from retina_sweep.config import exit_on_bad_input
         from retina_sweep.train import prepare
 
         loader = self.hydra_context.config_loader
         trial_cfgs = []
-        try:
+        # Nothing has been launched or logged yet: a bad value or file is one line and exit 2.
+        with exit_on_bad_input(f"[{name}] stopped before any trial", SweepError):
             # A command-line value of a key the preset's grid sweeps replaces that axis (a fixed
             # one by its single value), so the grid does not overwrite it in every cell; one of
             # a key the rows set is an error naming it (docs/usage.md, Sweeps).
@@ -163,11 +162,6 @@ class RetinaGridSweeper(Sweeper):
                 if key not in prepared:
                     prepared.add(key)
                     prepare(trial_cfg)
-        except (ConfigError, DatasetError, SweepError) as exc:
-            # Nothing has been launched or logged yet: one line naming the key or the file, and
-            # exit status 2 (a bad command line), not a traceback.
-            print(f"[{name}] stopped before any trial: {exc}", file=sys.stderr)
-            raise SystemExit(2) from None
 
         # Cells with one config hash are one experiment (a swept seed overlapping the
         # `sweep.seeds` repeats, values that differ only in spelling): launch the first only.

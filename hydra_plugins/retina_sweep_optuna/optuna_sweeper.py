@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -329,20 +328,16 @@ class RetinaOptunaSweeper(Sweeper):
         one line and exit status 2, not in every trial."""
         if OmegaConf.select(self.config, "data.kind") is None:
             return  # not retina_sweep's config (the tests' stand-in app): nothing to check
-        from retina_sweep.config import ConfigError, validate
-        from retina_sweep.data.coco import DatasetError
+        from retina_sweep.config import exit_on_bad_input, validate
         from retina_sweep.train import prepare
 
-        try:
+        name = OmegaConf.select(self.config, "sweep.name") or "optuna"
+        with exit_on_bad_input(f"[{name}] stopped before any trial"):
             base = self.hydra_context.config_loader.load_sweep_config(
                 master_config=self.config, sweep_overrides=list(fixed)
             )
             validate(base)
             prepare(base)
-        except (ConfigError, DatasetError) as exc:
-            name = OmegaConf.select(self.config, "sweep.name") or "optuna"
-            print(f"[{name}] stopped before any trial: {exc}", file=sys.stderr)
-            raise SystemExit(2) from None
 
     def _sweep(self, arguments: list[str]) -> Any:
         import optuna
