@@ -36,6 +36,7 @@ __all__ = [
     "config_hash",
     "identity_dict",
     "HASH_EXCLUDE",
+    "HASH_SAME_AS",
     "exit_on_bad_input",
 ]
 
@@ -178,6 +179,12 @@ RULES: list[Rule] = [
     Rule("train.lr", _num(0, lo_open=True), "a number > 0, or null for linear scaling", True),
     Rule("train.momentum", _num(0, 1), "a number in [0, 1]"),
     Rule("train.weight_decay", _num(0), "a number >= 0"),
+    Rule(
+        "train.weight_decay_norm",
+        _num(0),
+        "a number >= 0, or null for train.weight_decay",
+        True,
+    ),
     Rule("train.iterations", _int(1), "an integer >= 1"),
     Rule("train.warmup_iters", _int(0), "an integer >= 0"),
     Rule("train.warmup_factor", _num(0, 1, lo_open=True), "a number in (0, 1]"),
@@ -307,6 +314,10 @@ HASH_EXCLUDE = (
     "data.root",
 )
 HASH_SECTIONS = ("model", "loss", "data", "train", "seed")
+# Keys added after finished trials existed, whose null means "as the other key": at null, or at
+# the other key's value, they train what the trial trained before the key existed, so they leave
+# the identity and every store's finished cells keep their hashes.
+HASH_SAME_AS = {"train.weight_decay_norm": "train.weight_decay"}
 
 
 @functools.lru_cache(maxsize=64)
@@ -368,16 +379,27 @@ def identity_dict(cfg: DictConfig) -> dict[str, Any]:
             }
         else:
             backbone.pop("synthetic_pretrain", None)
+    for dotted, other in HASH_SAME_AS.items():
+        value = _select(out, dotted)
+        if value is None or _normalise(value) == _normalise(_select(out, other)):
+            _pop(out, dotted)
     for dotted in HASH_EXCLUDE:
-        node = out
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node.get(p) if isinstance(node, dict) else None
-            if node is None:
-                break
-        if isinstance(node, dict):
-            node.pop(leaf, None)
+        _pop(out, dotted)
     return out
+
+
+def _select(tree: dict[str, Any], dotted: str) -> Any:
+    node: Any = tree
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def _pop(tree: dict[str, Any], dotted: str) -> None:
+    *parents, leaf = dotted.split(".")
+    node = _select(tree, ".".join(parents)) if parents else tree
+    if isinstance(node, dict):
+        node.pop(leaf, None)
 
 
 def _normalise(value: Any) -> Any:

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from .config import ConfigError, config_hash, validate
 from .signals import terminate_as_interrupt
@@ -65,6 +66,36 @@ def resolve_lr(train_cfg: Any) -> float:
     if train_cfg.get("lr") is not None:
         return float(train_cfg.lr)
     return float(train_cfg.base_lr) * int(train_cfg.batch_size) / int(train_cfg.base_batch_size)
+
+
+NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
+
+
+def optimizer_param_groups(
+    model: nn.Module, *, weight_decay: float, weight_decay_norm: float | None = None
+) -> list[dict[str, Any]]:
+    """The trainable parameters of `model` as SGD parameter groups.
+
+    One group at `weight_decay` (the paper's recipe: every weight decays), unless
+    `weight_decay_norm` is a different number: then the affine parameters of normalisation
+    layers (GroupNorm, BatchNorm, LayerNorm) get their own group at that decay, as detectron2's
+    `SOLVER.WEIGHT_DECAY_NORM` (0.0 by default there, and Detectron's `WEIGHT_DECAY_GN`). Decay
+    on a norm's scale shrinks it towards 0 against the normalisation that follows from it, which
+    is why detectron2 exempts them; the paper's heads have no norm, so it says nothing.
+    """
+    decay, norm = [], []
+    seen: set[int] = set()
+    separate = weight_decay_norm is not None and float(weight_decay_norm) != float(weight_decay)
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            if not param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))
+            (norm if separate and isinstance(module, NORM_TYPES) else decay).append(param)
+    groups = [{"params": decay, "weight_decay": float(weight_decay)}]
+    if norm:
+        groups.append({"params": norm, "weight_decay": float(weight_decay_norm)})
+    return groups
 
 
 def lr_factor(
@@ -329,7 +360,13 @@ def train(
     base_lr = resolve_lr(tcfg)
     params = [p for p in raw_model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(
-        params, lr=base_lr, momentum=float(tcfg.momentum), weight_decay=float(tcfg.weight_decay)
+        optimizer_param_groups(
+            raw_model,
+            weight_decay=float(tcfg.weight_decay),
+            weight_decay_norm=tcfg.get("weight_decay_norm"),
+        ),
+        lr=base_lr,
+        momentum=float(tcfg.momentum),
     )
     iterations = int(tcfg.iterations)
     sched_kwargs = dict(
