@@ -576,6 +576,23 @@ def test_an_optuna_study_is_reported_against_its_grid_table(tmp_path: Path) -> N
     assert build_report(tracking_uri=s.uri, table="1b", out=tmp_path / "r2").studies == []
 
 
+def test_a_studys_grid_compute_counts_the_cells_its_table_keeps(tmp_path: Path) -> None:
+    """A run of other settings in a grid row (here a 50-iteration probe) is left out of the
+    table, so it is not a cell of the grid the study is measured against either."""
+    s = Store(tmp_path)
+    probe = {"loss.gamma": 1.0, "loss.alpha": 0.75, "train.iterations": 50}
+    s.run(table="1b", sweep="gamma", params=probe, ap=5.0)  # earlier: the row keeps the grid's
+    for (gamma, alpha), ap in {(1.0, 0.25): 20.0, (1.0, 0.5): 30.0, (2.0, 0.25): 28.0}.items():
+        p = {"loss.gamma": gamma, "loss.alpha": alpha, "train.iterations": 400}
+        s.run(table="1b", sweep="gamma", params=p, ap=ap)
+    p = {"loss.alpha": 0.2, "loss.gamma": 1.5, "train.iterations": 400}
+    s.run(table="hpo", sweep="study", params=p, ap=25.0, tags={"optuna_trial": "0"})
+    report = build_report(tracking_uri=s.uri, table="hpo", out=tmp_path / "r")
+    assert any("left out (train.iterations 50" in n for n in report.tables["1b"].notes)
+    ref = report.studies[0].reference
+    assert (ref["cells"], ref["iterations"]) == (3, 1200)
+
+
 def test_a_table_says_which_precision_its_runs_trained_in(tmp_path: Path) -> None:
     s = Store(tmp_path)
     for alpha, prec in ((0.25, "bf16"), (0.5, "bf16"), (0.75, None)):

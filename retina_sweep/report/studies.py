@@ -5,8 +5,8 @@ A study is the set of child runs of an Optuna sweep (`tags.optuna_trial` set), o
 `tags.sweep`; `tables.yaml`'s `studies:` entry for its table tag names the grid table to compare
 with (the `hpo` preset competes with Table 1(b), the `gamma` grid). Compute is counted in training
 iterations, as the sweeper's `compute_budget` counts it: a pruned trial costs its `pruned_at`
-step, any other trial its `train.iterations`. The grid's compute is its cells (seed 0 of each)
-times their iterations.
+step, any other trial its `train.iterations`. The grid's compute is its cells (at one seed, and
+only those its table keeps: one experiment per row) times their iterations.
 
 The best trial of a study is a maximum over noisy trials, so it is biased upwards like a grid's
 best single-seed cell; runs of the same configuration with other seeds (from any sweep, e.g. a
@@ -21,7 +21,17 @@ from typing import Any
 
 import pandas as pd
 
-from .core import OK, Table, TableSpec, _key_value, _norm, _parse, latest_per_config, run_state
+from .core import (
+    OK,
+    Table,
+    TableSpec,
+    _key_value,
+    _norm,
+    _parse,
+    latest_per_config,
+    one_experiment_per_row,
+    run_state,
+)
 
 __all__ = [
     "Study",
@@ -96,15 +106,21 @@ def _searched(runs: pd.DataFrame, space: list[str] | None) -> list[str]:
 
 def grid_compute(spec: TableSpec, runs: pd.DataFrame) -> tuple[int, int]:
     """(cells, iterations) of a grid table at one seed: its distinct cells (row keys and
-    best-over keys) among `runs`, and the sum of their `train.iterations`."""
+    best-over keys) among the runs the table itself keeps (`one_experiment_per_row`: a run of
+    other settings in a row, e.g. a longer schedule, is not a cell of the grid), and the sum of
+    their `train.iterations`."""
     if runs.empty:
         return 0, 0
-    runs = latest_per_config(runs)
+    keyed = latest_per_config(runs).copy()
+    keys = spec.keys + spec.best_over
+    for key in keys:
+        keyed[key["name"]] = [_key_value(key, r) for _, r in keyed.iterrows()]
+    keyed, _ = one_experiment_per_row(keyed, spec)
     cells: dict[tuple, int] = {}
-    for _, r in runs.iterrows():
-        key = tuple(_norm(_key_value(k, r)) for k in spec.keys + spec.best_over)
+    for _, r in keyed.iterrows():
+        cell = tuple(_norm(r[k["name"]]) for k in keys)
         full = _parse(r.get("params.train.iterations"))
-        cells.setdefault(key, int(full) if full is not None else 0)
+        cells.setdefault(cell, int(full) if full is not None else 0)
     return len(cells), sum(cells.values())
 
 
