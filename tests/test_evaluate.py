@@ -1,0 +1,159 @@
+"""`python -m retina_sweep.evaluate`: the COCO evaluation of trained weights, without training."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import compose_config
+from hydra.utils import instantiate
+from mlflow.tracking import MlflowClient
+
+from retina_sweep.builders import build_datasets
+from retina_sweep.config import ConfigError, config_hash
+from retina_sweep.data.loader import build_loader
+from retina_sweep.evaluate import checkpoint_path, evaluate_checkpoint
+from retina_sweep.evaluation import evaluate
+from retina_sweep.train import run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cfg(tmp_path: Path, *extra: str):
+    return compose_config(
+        [
+            "scale=smoke",
+            f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+            f"paths.root={tmp_path}/sweeps",
+            f"data.cache_dir={tmp_path}/cache",
+            *extra,
+        ]
+    )
+
+
+def _runs(tmp_path: Path, experiment: str):
+    mlf = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    exp = mlf.get_experiment_by_name(experiment)
+    return mlf, ([] if exp is None else mlf.search_runs([exp.experiment_id]))
+
+
+def _reference_detections(cfg, ckpt: Path, out: Path) -> list[dict]:
+    """The val detections of the checkpoint's weights, loaded and run here by hand."""
+    model = instantiate(cfg.model, strategy=instantiate(cfg.loss), _convert_="all")
+    model.load_state_dict(torch.load(ckpt, weights_only=True)["model"])
+    data = build_datasets(cfg.data, max_level=int(cfg.model.fpn.max_level))
+    loader = build_loader(
+        data.val, batch_size=2, train=False, num_workers=0, size_divisible=data.size_divisible
+    )
+    evaluate(model, loader, data.val, "cpu", results_file=out)
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_a_trained_cell_evaluates_to_its_training_runs_metrics(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path)
+    trained_ap = run(cfg)
+    ckpt = tmp_path / "sweeps" / "checkpoints" / config_hash(cfg) / "last.pt"
+    assert checkpoint_path(cfg) == ckpt  # the trial's own checkpoint, found by its hash
+    metrics = evaluate_checkpoint(cfg)
+    mlf, (train_run,) = _runs(tmp_path, "retina_sweep")
+    assert metrics["AP"] == pytest.approx(trained_ap, abs=1e-9)
+    for key in ("AP50", "AP75", "AR100"):
+        assert metrics[key] == pytest.approx(train_run.data.metrics[key], abs=1e-9), key
+    # Logged in its own experiment, under a tag sweeps do not look up: the training run stays
+    # the cell's only FINISHED run, and the report reads training runs only.
+    _, (ev,) = _runs(tmp_path, "retina_sweep-eval")
+    assert ev.info.status == "FINISHED" and ev.data.tags["outcome"] == "completed"
+    assert "config_hash" not in ev.data.tags
+    assert ev.data.tags["eval_config_hash"] == config_hash(cfg)
+    assert ev.data.tags["checkpoint"] == str(ckpt.resolve())
+    assert ev.data.tags["checkpoint_iteration"] == "4"
+    assert ev.data.metrics["AP"] == pytest.approx(metrics["AP"])
+    assert {a.path for a in mlf.list_artifacts(ev.info.run_id, "eval")} == {
+        "eval/coco_results.json",
+        "eval/coco_summary.txt",
+    }
+
+    # Other inference settings: another identity, so the checkpoint is given by path. The
+    # detections are those of the checkpoint's weights (a score threshold of 0 keeps every
+    # candidate, so wrong weights could not hide behind an empty result).
+    other = _cfg(
+        tmp_path,
+        f"eval.checkpoint={ckpt}",
+        "model.inference.score_thresh=0.0",
+        "model.inference.detections_per_img=5",
+        "tracking.enabled=false",
+        f"paths.root={tmp_path}/other",
+    )
+    assert config_hash(other) != config_hash(cfg)
+    out = evaluate_checkpoint(other)
+    assert out["num_detections"] == 5 * out["num_images"]
+    written = sorted(Path(tmp_path / "other" / "eval").glob("*/coco_results.json"))
+    assert len(written) == 1
+    got = json.loads(written[0].read_text())
+    want = _reference_detections(other, ckpt, tmp_path / "want.json")
+    assert len(got) == len(want) == 5 * out["num_images"]
+    for g, w in zip(got, want, strict=True):
+        assert (g["image_id"], g["category_id"]) == (w["image_id"], w["category_id"])
+        assert g["score"] == pytest.approx(w["score"], abs=1e-6)
+        assert g["bbox"] == pytest.approx(w["bbox"], abs=1e-4)
+
+
+def test_a_bare_state_dict_loads_and_wrong_weights_are_refused(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, "tracking.enabled=false")
+    torch.manual_seed(0)
+    model = instantiate(cfg.model, strategy=instantiate(cfg.loss), _convert_="all")
+    bare = tmp_path / "bare.pt"
+    torch.save(model.state_dict(), bare)
+    metrics = evaluate_checkpoint(
+        _cfg(tmp_path, "tracking.enabled=false", f"eval.checkpoint={bare}")
+    )
+    assert metrics["num_images"] == 8  # the smoke val split
+
+    # Weights of another model: one message naming the file and what does not fit.
+    wider = _cfg(
+        tmp_path, "tracking.enabled=false", f"eval.checkpoint={bare}", "model.head.num_convs=2"
+    )
+    with pytest.raises(ConfigError, match=r"bare\.pt does not fit this config's model \(missing"):
+        evaluate_checkpoint(wider)
+    narrower = _cfg(
+        tmp_path, "tracking.enabled=false", f"eval.checkpoint={bare}", "model.fpn.channels=8"
+    )
+    with pytest.raises(ConfigError, match=r"shape: "):
+        evaluate_checkpoint(narrower)
+
+
+def test_a_missing_checkpoint_is_one_line_and_exit_status_2(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, "tracking.enabled=false")
+    with pytest.raises(ConfigError, match=rf"missing checkpoint .*{config_hash(cfg)}/last\.pt"):
+        evaluate_checkpoint(cfg)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "retina_sweep.evaluate",
+            "scale=smoke",
+            "tracking.enabled=false",
+            f"paths.root={tmp_path}/sweeps",
+            f"data.cache_dir={tmp_path}/cache",
+            f"eval.checkpoint={tmp_path}/nowhere.pt",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert (
+        lines[-1]
+        == f"retina_sweep.evaluate: missing checkpoint {tmp_path}/nowhere.pt: nothing to evaluate"
+    )
+    assert "Traceback" not in proc.stderr
