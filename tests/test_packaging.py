@@ -68,3 +68,19 @@ def test_wheel_carries_configs_and_plugins_and_composes(tmp_path: Path) -> None:
         check=True,
     ).stdout.split()
     assert all(p.startswith(str(site)) for p in where), where
+
+
+def test_help_names_the_product_its_commands_and_groups(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "retina_sweep", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("retina_sweep: RetinaNet")
+    assert "python -m retina_sweep.evaluate eval.checkpoint=PATH" in proc.stdout
+    assert "sweep: alpha, anchors, fpn, gamma, hpo, ohem, speed" in proc.stdout
+    assert "powered by Hydra" not in proc.stdout
