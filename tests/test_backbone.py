@@ -6,7 +6,7 @@ import pytest
 import torch
 import torchvision.models._api as tv_api
 from torch import nn
-from torchvision.models import resnet18
+from torchvision.models import resnet18, resnet34
 from torchvision.models.resnet import BasicBlock, ResNet
 
 from retina_sweep.model.backbone import ResNetBackbone, convert_frozen_batchnorm
@@ -87,12 +87,51 @@ def test_missing_keys_are_reported(tmp_path):
         ResNetBackbone(depth=18, pretrained=path)
 
 
-def test_unexpected_keys_warn(tmp_path):
+def test_unexpected_keys_are_an_error(tmp_path):
     state = dict(resnet18().state_dict())
     state["extra.weight"] = torch.zeros(3)
     path = tmp_path / "extra.pt"
     torch.save(state, path)
-    with pytest.warns(UserWarning, match="extra.weight"):
+    with pytest.raises(RuntimeError, match=r"1 keys that the backbone .* does not have: extra"):
+        ResNetBackbone(depth=18, pretrained=path)
+
+
+def test_checkpoint_of_another_depth_is_refused(tmp_path):
+    # ResNet-18's keys are a subset of ResNet-34's with the same shapes: loading what fits used
+    # to give a depth-18 network with a warning, not the depth that was asked for.
+    path = tmp_path / "resnet34.pth"
+    torch.save(resnet34().state_dict(), path)
+    with pytest.raises(RuntimeError, match=r"depth=18.*layer1\.2\.conv1\.weight"):
+        ResNetBackbone(depth=18, pretrained=path)
+
+
+def test_batchnorm_weights_refused_by_a_groupnorm_backbone(tmp_path):
+    # GN has a weight and a bias where BN has them: only the BN statistics tell them apart.
+    _, path = _saved_resnet18(tmp_path)
+    with pytest.raises(RuntimeError, match=r"norm='gn'.*bn1\.running_mean"):
+        ResNetBackbone(depth=18, pretrained=path, norm="gn")
+
+
+@pytest.mark.parametrize("norm", ["frozen_bn", "bn"])
+def test_imagenet_layout_loads_into_every_batchnorm(tmp_path, norm):
+    # torchvision's ImageNet files: BN statistics but no num_batches_tracked (saved before it
+    # existed), plus fc.*: both are fine, whichever batch norm the backbone has.
+    net, _ = _saved_resnet18(tmp_path)
+    state = {k: v for k, v in net.state_dict().items() if "num_batches_tracked" not in k}
+    path = tmp_path / "imagenet_layout.pth"
+    torch.save(state, path)
+    bb = ResNetBackbone(depth=18, pretrained=path, norm=norm, freeze_at=2).eval()
+    torch.testing.assert_close(bb.layer1[0].bn2.running_var, net.layer1[0].bn2.running_var)
+    torch.testing.assert_close(bb.layer4[1].bn2.running_mean, net.layer4[1].bn2.running_mean)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(bb(x)["C5"], _torchvision_features(net, x)[-1])
+
+
+def test_unreadable_checkpoint_names_the_file(tmp_path):
+    path = tmp_path / "truncated.pth"
+    path.write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(ValueError, match=r"cannot read pretrained checkpoint .*truncated\.pth"):
         ResNetBackbone(depth=18, pretrained=path)
 
 
