@@ -281,6 +281,9 @@ def _set(key, index, field, value):
             r"annotation 5 has bbox \[1, None, 2, 3\]",
         ),
         (_set("annotations", 1, "bbox", [1, 1, float("nan"), 3]), "annotation 2 has bbox .*finite"),
+        # COCOeval would fail on these at the first evaluation, after the training
+        (_set("annotations", 3, "area", "12"), r"annotations\[3\] \(id 4\) has '12' as 'area'"),
+        (_set("annotations", 0, "iscrowd", "0"), r"annotations\[0\] \(id 1\) has '0' as 'iscrowd'"),
     ],
     ids=[
         "ann-no-id",
@@ -296,6 +299,8 @@ def _set(key, index, field, value):
         "bbox-str",
         "bbox-null",
         "bbox-nan",
+        "area-str",
+        "iscrowd-str",
     ],
 )
 def test_malformed_annotation_names_file_entry_and_field(tmp_path, edit, message):

@@ -254,3 +254,33 @@ def test_evaluate_without_detections(val_set):
     outs = [{k: v[:0] for k, v in o.items()} for o in _oracle_outputs(val_set)]
     m = evaluate(Oracle(outs), loader, val_set, "cpu")
     assert m["AP"] == 0.0 and m["num_detections"] == 0
+
+
+def test_evaluate_annotations_without_area_and_iscrowd(tmp_path, caplog):
+    # A COCO-format file from another converter: no "area", no "iscrowd". COCOeval needs both
+    # and used to raise a bare KeyError at the first evaluation, after the training.
+    sizes = [(40, 60), (30, 30)]
+    boxes = [[(8, [10, 8, 20, 12]), (4, [40, 0, 20, 40])], [(4, [5, 5, 20, 10])]]
+    _gt(tmp_path, boxes, cats=(4, 8), sizes=sizes)
+    data = json.loads((tmp_path / "gt.json").read_text())
+    for ann in data["annotations"]:
+        del ann["area"], ann["iscrowd"]
+    (tmp_path / "gt.json").write_text(json.dumps(data))
+    (tmp_path / "img").mkdir()
+    for i, (h, w) in enumerate(sizes):
+        Image.fromarray(np.zeros((h, w, 3), dtype=np.uint8)).save(tmp_path / "img" / f"{i + 1}.png")
+    with caplog.at_level("WARNING", logger="retina_sweep.data.coco"):
+        ds = CocoDetection(
+            ann_file=tmp_path / "gt.json",
+            img_dir=tmp_path / "img",
+            train=False,
+            scale=80,
+            max_size=1000,
+            skip_empty=False,
+        )
+    assert "3 annotations lack 'area'" in caplog.text and "3 lack 'iscrowd'" in caplog.text
+    assert sorted(a["area"] for a in ds.coco.anns.values()) == [200.0, 240.0, 800.0]
+    loader = build_loader(ds, batch_size=2, train=False, num_workers=0, size_divisible=32)
+    m = evaluate(Oracle(_oracle_outputs(ds)), loader, ds, "cpu")
+    assert m["AP"] == pytest.approx(100.0) and m["APs"] == pytest.approx(100.0)
+    assert math.isnan(m["APm"])  # every filled-in area (at most 800) is below 32^2: small

@@ -127,7 +127,8 @@ def load_coco(ann_file: str | Path) -> COCO:
 
     pycocotools' own loader prints to stdout and lets a `json.JSONDecodeError` escape without
     the file name; here a missing file raises `MissingDataError` and a corrupt or malformed one
-    `DatasetError`, both naming the file.
+    `DatasetError`, both naming the file. Annotations without `area` or `iscrowd` get them (the
+    box's `w * h`, 0; see `_fill_eval_fields`), so that COCOeval can score the file.
     """
     ann_file = Path(ann_file)
     if not ann_file.is_file():
@@ -143,6 +144,7 @@ def load_coco(ann_file: str | Path) -> COCO:
     if missing:
         raise DatasetError(f"annotation file {ann_file} lacks the COCO key(s) {missing}")
     _check_index_fields(ann_file, dataset)
+    _fill_eval_fields(ann_file, dataset)
     coco = COCO()
     coco.dataset = dataset
     try:
@@ -191,6 +193,51 @@ def _check_index_fields(ann_file: Path, dataset: dict[str, Any]) -> None:
                         f"annotation file {ann_file}: {which} {problem} {field!r}"
                         + ("" if value is None else ", expected a number")
                     )
+
+
+def _fill_eval_fields(ann_file: Path, dataset: dict[str, Any]) -> None:
+    """Give every annotation the `area` and `iscrowd` that COCOeval reads.
+
+    The COCO format has them, but many converters of other datasets leave them out, and
+    pycocotools' COCOeval then fails with a bare `KeyError` at the first evaluation (after the
+    whole training when there is no periodic one). A missing `iscrowd` is 0 (what this reader
+    and pycocotools' `_prepare` assume) and a missing `area` is the box's `w * h` (what `loadRes`
+    gives detections; COCO's own is the mask area). Values present but not numbers are a
+    `DatasetError` naming the annotation.
+    """
+    no_area = no_crowd = 0
+    for i, ann in enumerate(dataset["annotations"]):
+        crowd = ann.get("iscrowd")
+        if crowd is None:
+            ann["iscrowd"] = 0
+            no_crowd += 1
+        elif type(crowd) not in (int, bool):
+            raise DatasetError(
+                f"annotation file {ann_file}: annotations[{i}] (id {ann['id']!r}) has "
+                f"{_short(crowd)} as 'iscrowd', expected 0 or 1"
+            )
+        area = ann.get("area")
+        if area is None:
+            bbox = ann.get("bbox")
+            if isinstance(bbox, (list, tuple)) and len(bbox) == 4:
+                w, h = bbox[2], bbox[3]
+                if type(w) in (int, float) and type(h) in (int, float):
+                    ann["area"] = float(max(w, 0) * max(h, 0))
+                    no_area += 1
+            # else: left to CocoDetection, which names a malformed bbox
+        elif type(area) not in (int, float) or not math.isfinite(area):
+            raise DatasetError(
+                f"annotation file {ann_file}: annotations[{i}] (id {ann['id']!r}) has "
+                f"{_short(area)} as 'area', expected a number"
+            )
+    if no_area or no_crowd:
+        log.warning(
+            "%s: %d annotations lack 'area' (set to the box's w * h) and %d lack 'iscrowd' "
+            "(set to 0); COCOeval needs both",
+            ann_file,
+            no_area,
+            no_crowd,
+        )
 
 
 def _hashable(value: Any) -> bool:
