@@ -106,6 +106,19 @@ def test_target_boxes_labels_crowd_and_scale(tiny):
     assert t5["crowd_boxes"].shape == (0, 4)
 
 
+def test_masks_are_not_kept_in_memory(tmp_path):
+    # Box detection only: the polygons / RLE of a COCO file (most of its size and memory) are
+    # dropped as the JSON is parsed; the boxes, areas and crowd flags COCOeval reads stay.
+    anns = copy.deepcopy(ANNS)
+    anns[0]["segmentation"] = [[10.0, 8.0, 30.0, 8.0, 30.0, 20.0]]
+    anns[2]["segmentation"] = {"counts": [0, 5, 95], "size": [40, 60]}
+    ann_file, _ = _write_dataset(tmp_path, anns=anns)
+    ds = _ds((ann_file, tmp_path / "images"))
+    assert all("segmentation" not in a for a in ds.coco.dataset["annotations"])
+    assert ds.coco.anns[1]["bbox"] == [10, 8, 20, 12] and ds.coco.anns[3]["iscrowd"] == 1
+    assert ds.coco.anns[1]["area"] == 240.0
+
+
 def test_degenerate_boxes_dropped_and_logged(tiny, caplog):
     with caplog.at_level(logging.WARNING, logger="retina_sweep.data.coco"):
         ds = _ds(tiny)

