@@ -294,6 +294,12 @@ def _set(key, index, field, value):
             r"annotation 5 has bbox \[1, None, 2, 3\]",
         ),
         (_set("annotations", 1, "bbox", [1, 1, float("nan"), 3]), "annotation 2 has bbox .*finite"),
+        # silently wrong before: pycocotools keeps the last of two images with one id
+        (
+            lambda d: d["images"].append({**d["images"][0], "file_name": "z.png"}),
+            r"image id 1 is listed twice in 'images' \(a.png and z.png\)",
+        ),
+        (_set("images", 1, "width", 0), r"image 2 \(b.png\) has size 0x30 \(w x h\)"),
         # COCOeval would fail on these at the first evaluation, after the training
         (_set("annotations", 3, "area", "12"), r"annotations\[3\] \(id 4\) has '12' as 'area'"),
         (_set("annotations", 0, "iscrowd", "0"), r"annotations\[0\] \(id 1\) has '0' as 'iscrowd'"),
@@ -312,6 +318,8 @@ def _set(key, index, field, value):
         "bbox-str",
         "bbox-null",
         "bbox-nan",
+        "image-id-twice",
+        "image-width-0",
         "area-str",
         "iscrowd-str",
     ],

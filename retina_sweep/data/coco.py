@@ -377,6 +377,18 @@ class CocoDetection(Dataset):
                     f"annotation file {self.ann_file}: image entry {img!r} needs id, file_name, "
                     f"width and height ({e})"
                 ) from e
+            if image_id in per_image:
+                # pycocotools keeps the last entry silently; the annotations of both would be
+                # drawn on one image, at its size.
+                raise DatasetError(
+                    f"annotation file {self.ann_file}: image id {image_id} is listed twice in "
+                    f"'images' ({per_image[image_id]['file_name']} and {file_name})"
+                )
+            if w <= 0 or h <= 0:
+                raise DatasetError(
+                    f"annotation file {self.ann_file}: image {image_id} ({file_name}) has size "
+                    f"{img['width']}x{img['height']} (w x h); both must be positive"
+                )
             per_image[image_id] = {
                 "file_name": file_name,
                 "size": (h, w),
