@@ -139,6 +139,29 @@ def test_max_size_caps_the_longer_side(tiny):
     assert image.shape[1:] == (67, 100)
 
 
+def test_boxes_follow_the_whole_pixel_resize_per_axis(tmp_path):
+    # 43 x 64 at scale 60: factor 60 / 43 = 1.3953 would make the width 89.3, rounded to 89
+    # pixels. The content is stretched by 89 / 64 = 1.3906 horizontally, so a box on the image's
+    # right edge must end at x = 89 (it ended at 89.3, outside the image) and a flip must map
+    # the full-image box onto itself.
+    images = [(1, "odd.png", 43, 64)]
+    anns = [
+        {"id": 1, "image_id": 1, "category_id": 3, "bbox": [0, 0, 64, 43], "iscrowd": 0},
+        {"id": 2, "image_id": 1, "category_id": 7, "bbox": [32, 0, 32, 43], "iscrowd": 1},
+    ]
+    ann_file, img_dir = _write_dataset(tmp_path, images=images, anns=anns)
+    for flip in (0.0, 1.0):
+        ds = CocoDetection(
+            ann_file=ann_file, img_dir=img_dir, train=True, scale=60, max_size=1000, flip_prob=flip
+        )
+        image, t = ds[0]
+        assert image.shape[1:] == (60, 89)
+        assert t["scale_factor"] == pytest.approx(60 / 43)  # the resize rule's factor
+        assert torch.equal(t["boxes"], torch.tensor([[0.0, 0.0, 89.0, 60.0]]))
+        half = [[44.5, 0.0, 89.0, 60.0]] if flip == 0.0 else [[0.0, 0.0, 44.5, 60.0]]
+        assert torch.equal(t["crowd_boxes"], torch.tensor(half))
+
+
 def test_flip_prob_one_mirrors_image_and_boxes(tiny):
     plain = _ds(tiny, train=True, flip_prob=0.0)
     flipped = _ds(tiny, train=True, flip_prob=1.0)

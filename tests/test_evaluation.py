@@ -163,6 +163,46 @@ def test_to_coco_results_maps_back():
     assert res[1]["bbox"] == [0.0, 0.0, 100.0, 10.0] and res[1]["category_id"] == 5
 
 
+def test_to_coco_results_divides_by_the_whole_pixel_ratios():
+    # A 43 x 64 image resized by the rule's factor 60 / 43 to 60 x 89 whole pixels: a detection
+    # of the whole resized image is the whole original image (dividing by the factor gave a
+    # width of 63.78).
+    out = {
+        "boxes": torch.tensor([[0.0, 0.0, 89.0, 60.0], [44.5, 30.0, 89.0, 45.0]]),
+        "scores": torch.tensor([0.9, 0.8]),
+        "labels": torch.tensor([0, 0]),
+    }
+    res = to_coco_results(
+        out,
+        image_id=1,
+        scale_factor=60 / 43,
+        orig_size=(43, 64),
+        label_to_cat_id=torch.tensor([1]),
+        image_size=(60, 89),
+    )
+    assert res[0]["bbox"] == [0.0, 0.0, 64.0, 43.0]
+    assert res[1]["bbox"] == pytest.approx([32.0, 21.5, 32.0, 10.75])
+
+
+def test_evaluate_maps_back_by_the_loader_image_sizes(tmp_path):
+    _gt(tmp_path, [[(1, [0, 0, 64, 43])]], sizes=[(43, 64)])
+    (tmp_path / "img").mkdir()
+    Image.fromarray(np.zeros((43, 64, 3), dtype=np.uint8)).save(tmp_path / "img" / "1.png")
+    ds = CocoDetection(
+        ann_file=tmp_path / "gt.json", img_dir=tmp_path / "img", train=False, scale=60, max_size=99
+    )
+    loader = build_loader(ds, batch_size=1, train=False, num_workers=0, size_divisible=32)
+    full = {
+        "boxes": torch.tensor([[0.0, 0.0, 89.0, 60.0]]),
+        "scores": torch.tensor([0.9]),
+        "labels": torch.tensor([0]),
+    }
+    results = tmp_path / "results.json"
+    m = evaluate(Oracle([full]), loader, ds, "cpu", results_file=results)
+    assert json.loads(results.read_text())[0]["bbox"] == [0.0, 0.0, 64.0, 43.0]
+    assert m["AP"] == pytest.approx(100.0)
+
+
 # ---- evaluate() with a stand-in detector ---------------------------------------------------------
 
 

@@ -9,9 +9,13 @@ Conventions of the target dict (see docs/design.md):
 - `crowd_boxes` (Gc, 4) float32: `iscrowd=1` regions. They are kept apart because they are
   neither positives nor negatives: the detector ignores anchors on them and COCOeval ignores
   detections matched to them.
-- `image_id` int, `scale_factor` float (resized / original, the same for x and y),
-  `orig_size` (h, w) of the image file. Dividing a predicted box by `scale_factor` (after
-  undoing any flip) gives original image coordinates, which is what COCOeval expects.
+- `image_id` int, `scale_factor` float (the resize rule's factor, resized / original),
+  `orig_size` (h, w) of the image file. The image is resized to whole pixels,
+  `(round(h * f), round(w * f))`, so the boxes are scaled per axis by the exact ratios of the
+  image sizes, `new_w / w` and `new_h / h` (as torchvision and detectron2 do), which differ from
+  `scale_factor` by up to half a pixel over the image; the evaluation divides a predicted box
+  by the same ratios (`retina_sweep.evaluation.to_coco_results` with `image_size`) to get the
+  original image coordinates COCOeval expects.
 
 Every problem with the files is reported up front where possible, with the offending path:
 at construction the root, the annotation file (and its malformed entries, by index or id, with
@@ -488,8 +492,13 @@ class CocoDetection(Dataset):
                 f"{self.ann_file} says {rec['size'][1]}x{rec['size'][0]}; the boxes would be wrong"
             )
         image = to_tensor_normalized(pil, self.mean, self.std)
-        boxes = torch.from_numpy(rec["boxes"] * np.float32(factor))
-        crowd = torch.from_numpy(rec["crowd"] * np.float32(factor))
+        # Per axis, the ratio of the whole-pixel sizes: what the resampling did to the content
+        # (the same as `factor` when the sizes are exact, as on the synthetic proxy). In float64,
+        # so that the image's edge lands exactly on the resized edge.
+        new_sizes = np.array([pil.width, pil.height] * 2, dtype=np.float64)
+        old_sizes = np.array([orig_size[1], orig_size[0]] * 2, dtype=np.float64)
+        boxes = torch.from_numpy((rec["boxes"] * new_sizes / old_sizes).astype(np.float32))
+        crowd = torch.from_numpy((rec["crowd"] * new_sizes / old_sizes).astype(np.float32))
         if self.train and self.flip_prob > 0:
             if draw is None:
                 draw = float(torch.rand(()))
