@@ -161,6 +161,18 @@ def test_torchvision_weights_name(monkeypatch):
     assert len(urls) == 2
 
 
+def test_weights_download_failure_says_what_to_do(monkeypatch):
+    # A GPU node without internet: urllib's error alone names neither the file nor a way out.
+    import urllib.error
+
+    def offline(url, *args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(tv_api, "load_state_dict_from_url", offline)
+    with pytest.raises(RuntimeError, match=r"resnet18-f37072fd\.pth.*without internet.*path"):
+        ResNetBackbone(depth=18, pretrained="IMAGENET1K_V1")
+
+
 def test_bad_weights_names():
     with pytest.raises(ValueError, match="depth 10"):
         ResNetBackbone(depth=10, pretrained="IMAGENET1K_V1")

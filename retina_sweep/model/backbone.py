@@ -117,7 +117,16 @@ def _torchvision_state_dict(depth: int, name: str) -> dict[str, Tensor]:
             f"pretrained={name!r} is neither an existing file nor a torchvision weights name of "
             f"ResNet{depth}_Weights (e.g. 'IMAGENET1K_V1')"
         ) from err
-    return weights.get_state_dict(progress=False)
+    try:
+        return weights.get_state_dict(progress=False)
+    except OSError as err:  # urllib's URLError, a refused connection, a full disk
+        file_name = weights.url.rsplit("/", 1)[-1]
+        raise RuntimeError(
+            f"pretrained={name!r}: cannot fetch {weights.url} into torch's cache "
+            f"({torch.hub.get_dir()}/checkpoints): {err}. On a machine without internet, copy "
+            f"{file_name} there from one that has it, or set model.backbone.pretrained to the "
+            "path of the file"
+        ) from err
 
 
 class ResNetBackbone(nn.Module):
