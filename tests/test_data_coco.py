@@ -269,6 +269,34 @@ def test_missing_image_file_named_on_read(tiny):
         ds[1]
 
 
+def test_image_files_checked_with_one_listing(tiny, monkeypatch):
+    # 118k stats for train2017 (minutes on a network file system, in every process): the flat
+    # image folder is listed once instead; only names it lacks, or with a folder, get a stat.
+    from pathlib import Path
+
+    ann_file, img_dir = tiny
+    (img_dir / "sub").mkdir()
+    Image.new("RGB", (24, 24)).save(img_dir / "sub" / "d.png")
+    data = json.loads(ann_file.read_text())
+    data["images"][3]["file_name"] = "sub/d.png"
+    ann_file.write_text(json.dumps(data))
+    stats = []
+    real_is_file = Path.is_file
+
+    def counting_is_file(self, *args, **kwargs):
+        if img_dir in self.parents:
+            stats.append(self.relative_to(img_dir).as_posix())
+        return real_is_file(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "is_file", counting_is_file)
+    ds = _ds(tiny, skip_empty=False)
+    assert len(ds) == 4 and stats == ["sub/d.png"]  # a folder in the name: its own stat
+    (img_dir / "c.png").unlink()
+    stats.clear()
+    with pytest.raises(MissingDataError, match=r"1 of 4 image files .* first: c.png$"):
+        _ds(tiny, skip_empty=False)
+
+
 def test_image_size_mismatch_named(tiny):
     ann_file, img_dir = tiny
     Image.fromarray(np.zeros((31, 30, 3), dtype=np.uint8)).save(img_dir / "b.png")
