@@ -534,3 +534,76 @@ def test_loader_flips_reproducible_with_workers(tiny):
     for image_id, boxes in a:
         by_id.setdefault(image_id, set()).add(boxes)
     assert any(len(v) == 2 for v in by_id.values())
+
+
+def _official_coco_root(root):
+    """A tiny COCO 2017 in the official layout: JPEGs, COCO's category ids 1 / 44 / 90 (labels
+    0..2), a crowd region, a val image without annotations, odd image sizes."""
+    rng = np.random.default_rng(0)
+    cats = [{"id": 1, "name": "person"}, {"id": 44, "name": "bottle"}, {"id": 90, "name": "brush"}]
+    (root / "annotations").mkdir(parents=True)
+    for split, n in (("train2017", 8), ("val2017", 3)):
+        (root / split).mkdir()
+        images, anns = [], []
+        for i in range(n):
+            h, w = 61 + 7 * i, 97 - 5 * i
+            image_id = 139 + 1000 * i
+            k = 0 if (split == "val2017" and i == 0) else 2
+            for j in range(k):
+                bbox = [3.0 + 20 * j, 5.0, 17.0 + 3 * i, 21.0]
+                anns.append(
+                    {
+                        "id": len(anns) + 1,
+                        "image_id": image_id,
+                        "category_id": cats[(i + j) % 3]["id"],
+                        "bbox": bbox,
+                        "area": bbox[2] * bbox[3],
+                        "iscrowd": int(j == 1 and i == 1),
+                        "segmentation": [[bbox[0], bbox[1], bbox[0] + bbox[2], bbox[1], 9.0, 9.0]],
+                    }
+                )
+            name = f"{image_id:012d}.jpg"
+            pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / split / name, quality=90)
+            images.append({"id": image_id, "file_name": name, "height": h, "width": w})
+        (root / "annotations" / f"instances_{split}.json").write_text(
+            json.dumps({"images": images, "annotations": anns, "categories": cats})
+        )
+
+
+def test_a_run_on_the_official_coco_layout_evaluates_every_val_image(tmp_path, monkeypatch):
+    # The whole path of `data=coco`: the official layout, labels back to COCO's category ids,
+    # every val image (the one without annotations too) given to COCOeval.
+    from helpers import compose_config
+
+    from retina_sweep import evaluation
+    from retina_sweep.train import run
+
+    _official_coco_root(tmp_path / "coco")
+    seen = {}
+    real_coco_evaluate = evaluation.coco_evaluate
+
+    def spy(coco_gt, detections, **kwargs):
+        seen.update(detections=list(detections), img_ids=list(kwargs["img_ids"]))
+        return real_coco_evaluate(coco_gt, detections, **kwargs)
+
+    monkeypatch.setattr(evaluation, "coco_evaluate", spy)
+    cfg = compose_config(
+        [
+            "scale=smoke",
+            "data=coco",
+            f"data.root={tmp_path / 'coco'}",
+            "data.num_classes=3",
+            "data.scale=48",
+            "data.max_size=64",
+            "model.inference.score_thresh=0.0",
+            "tracking=none",
+            f"paths.root={tmp_path}/sweeps",
+        ]
+    )
+    ap = run(cfg)
+    assert 0.0 <= ap <= 100.0
+    assert sorted(seen["img_ids"]) == [139, 1139, 2139]
+    dets = seen["detections"]
+    assert dets and {d["category_id"] for d in dets} <= {1, 44, 90}
+    assert {d["image_id"] for d in dets} <= {139, 1139, 2139}
