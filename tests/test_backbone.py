@@ -6,7 +6,7 @@ import pytest
 import torch
 import torchvision.models._api as tv_api
 from torch import nn
-from torchvision.models import resnet18, resnet34
+from torchvision.models import resnet18, resnet34, resnet50
 from torchvision.models.resnet import BasicBlock, ResNet
 
 from retina_sweep.model.backbone import ResNetBackbone, convert_frozen_batchnorm
@@ -126,6 +126,32 @@ def test_imagenet_layout_loads_into_every_batchnorm(tmp_path, norm):
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(bb(x)["C5"], _torchvision_features(net, x)[-1])
+
+
+def test_torchvision_resnet50_state_dict_is_the_paper_backbone(tmp_path):
+    # The paper's backbone: torchvision's ResNet-50 names (what IMAGENET1K_V1 holds) load with
+    # nothing missing or left over into depth 50, frozen BN, stem + res2 frozen, and give
+    # torchvision's features in eval mode.
+    torch.manual_seed(0)
+    net = resnet50().eval()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 2.0)
+    path = tmp_path / "resnet50.pth"
+    torch.save(net.state_dict(), path)
+    bb = ResNetBackbone(depth=50, pretrained=path, freeze_at=2, norm="frozen_bn")
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in bb.modules())
+    assert not any(p.requires_grad for p in (*bb.conv1.parameters(), *bb.layer1.parameters()))
+    assert all(p.requires_grad for p in bb.layer2.parameters())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ours = bb.train()(x)  # frozen BN: train mode changes nothing
+        ref = _torchvision_features(net, x)
+    for lv, r in zip(range(2, 6), ref, strict=True):
+        # frozen BN folds its statistics into a scale and a shift: float32 rounding, 50 layers
+        torch.testing.assert_close(ours[f"C{lv}"], r, rtol=1e-4, atol=1e-4)
 
 
 def test_unreadable_checkpoint_names_the_file(tmp_path):
