@@ -324,3 +324,43 @@ def test_evaluate_annotations_without_area_and_iscrowd(tmp_path, caplog):
     m = evaluate(Oracle(_oracle_outputs(ds)), loader, ds, "cpu")
     assert m["AP"] == pytest.approx(100.0) and m["APs"] == pytest.approx(100.0)
     assert math.isnan(m["APm"])  # every filled-in area (at most 800) is below 32^2: small
+
+
+def test_detections_on_a_crowd_region_are_not_false_positives(tmp_path):
+    # COCOeval's crowd rule, through load_coco: a detection inside an iscrowd=1 region is ignored
+    # (neither a hit nor a false positive) and the crowd region is no ground truth to find.
+    data = {
+        "images": [{"id": 1, "file_name": "1.png", "height": 200, "width": 200}],
+        "annotations": [
+            {
+                "id": 1,
+                "image_id": 1,
+                "category_id": 1,
+                "bbox": [0, 0, 50, 50],
+                "area": 2500.0,
+                "iscrowd": 0,
+            },
+            {
+                "id": 2,
+                "image_id": 1,
+                "category_id": 1,
+                "bbox": [100, 100, 90, 90],
+                "area": 8100.0,
+                "iscrowd": 1,
+                "segmentation": {"counts": [10000, 30000], "size": [200, 200]},
+            },
+        ],
+        "categories": [{"id": 1}],
+    }
+    path = tmp_path / "gt.json"
+    path.write_text(json.dumps(data))
+    gt = load_coco(path)
+    found = _det(1, [0, 0, 50, 50], 0.5)
+    on_crowd = [_det(1, [110 + i, 110, 30, 30], 0.9) for i in range(3)]  # scored higher
+    m = coco_evaluate(gt, [found, *on_crowd])
+    assert m["AP"] == pytest.approx(100.0) and m["AR100"] == pytest.approx(100.0)
+    # The same boxes as ordinary false positives, for contrast.
+    data["annotations"][1]["iscrowd"] = 0
+    path.write_text(json.dumps(data))
+    m = coco_evaluate(load_coco(path), [found, *on_crowd])
+    assert m["AP"] < 50.0
