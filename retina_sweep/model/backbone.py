@@ -196,14 +196,14 @@ class ResNetBackbone(nn.Module):
 
         Raises:
             FileNotFoundError: a path that does not exist (the message names it).
-            ValueError: an unknown weights name, depth 10 with a weights name, or a file that
-                does not hold a state dict.
-            ValueError: a file that torch cannot read (the message names it).
-            RuntimeError: parameters of the backbone missing from the weights, or keys in the
-                weights that the backbone does not have (another depth, or batch-norm weights for
-                ``norm="gn"``; the message lists them), or shape mismatches. Only the classifier
-                (``fc.*``) and batch-norm ``num_batches_tracked`` counters of a frozen batch
-                norm are dropped.
+            ValueError: an unknown weights name, depth 10 with a weights name, a file that torch
+                cannot read or that does not hold a state dict (the message names it).
+            RuntimeError: a torchvision weights download that failed (the message says how to
+                do without it); parameters of the backbone missing from the weights, or keys in
+                the weights that the backbone does not have (another depth, or batch-norm
+                weights for ``norm="gn"``; the message lists them); shape mismatches. Only the
+                classifier (``fc.*``) and a frozen batch norm's ``num_batches_tracked`` are
+                dropped.
         """
         source = os.fspath(pretrained)
         if _looks_like_path(source):
