@@ -497,6 +497,19 @@ def test_build_loader_train_and_eval(tiny):
     assert "ann.json" in str(err.value) and "skip_empty" not in str(err.value)
 
 
+def test_distributed_eval_loader_shards_every_image_once(tiny, monkeypatch):
+    # 4 images over 3 ranks: DistributedSampler padded the shards to 2 + 2 + 2 by repeating
+    # images, which a gathered COCO evaluation would count twice.
+    ds = _ds(tiny, skip_empty=False)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda *a, **k: 3)
+    shards = []
+    for rank in range(3):
+        monkeypatch.setattr(torch.distributed, "get_rank", lambda *a, _r=rank, **k: _r)
+        loader = build_loader(ds, batch_size=2, train=False, num_workers=0, distributed=True)
+        shards.append([t["image_id"] for _, targets, _ in loader for t in targets])
+    assert shards == [[1, 9], [2], [5]]
+
+
 def test_build_loader_too_few_images_names_file_and_skip_empty(tiny):
     # Two of the four images have no usable box; skip_empty leaves 2 < batch_size 3.
     ds = _ds(tiny, skip_empty=True, train=True)
