@@ -139,6 +139,7 @@ def to_coco_results(
     scale_factor: float,
     orig_size: tuple[int, int],
     label_to_cat_id: torch.Tensor,
+    image_size: tuple[int, int] | None = None,
 ) -> list[dict[str, Any]]:
     """One image's detections in network-input coordinates -> COCO result dicts.
 
@@ -146,16 +147,32 @@ def to_coco_results(
         output: `{"boxes": (D, 4) xyxy in the resized input, "scores": (D,), "labels": (D,)
             0..K-1}`.
         image_id: COCO image id.
-        scale_factor: resized / original size of that image (target["scale_factor"]).
+        scale_factor: resized / original size of that image (target["scale_factor"]); used
+            when `image_size` is not given.
         orig_size: (h, w) of the original image; boxes are clipped to it (a box may reach into
             the batch padding).
         label_to_cat_id: (K,) long tensor, category id of each label.
+        image_size: (h, w) of the resized image the model saw (the loader's `image_sizes`):
+            boxes are then divided per axis by `image_size / orig_size`, the exact ratios the
+            dataset scaled the boxes by (`scale_factor` differs from them by the rounding of
+            the resized size to whole pixels), as torchvision's and detectron2's
+            post-processing do.
 
     Returns:
         `[{"image_id", "category_id", "bbox": [x, y, w, h], "score"}]` in original pixels.
     """
-    boxes = output["boxes"].detach().float().cpu() / float(scale_factor)
     h, w = orig_size
+    if image_size is None:
+        sx = sy = float(scale_factor)
+    else:
+        sx, sy = image_size[1] / w, image_size[0] / h
+    boxes = output["boxes"].detach().float().cpu()
+    if sx == sy:
+        boxes = boxes / sx
+    else:
+        boxes = torch.stack(
+            [boxes[:, 0] / sx, boxes[:, 1] / sy, boxes[:, 2] / sx, boxes[:, 3] / sy], dim=1
+        )
     boxes[:, 0::2] = boxes[:, 0::2].clamp(0.0, float(w))
     boxes[:, 1::2] = boxes[:, 1::2].clamp(0.0, float(h))
     xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
@@ -232,7 +249,7 @@ def evaluate(
                 first_s, first_images = elapsed, len(images)
             else:
                 timed_s, timed_images = timed_s + elapsed, timed_images + len(images)
-            for output, target in zip(outputs, targets, strict=True):
+            for output, target, size in zip(outputs, targets, image_sizes, strict=True):
                 if max_images is not None and len(img_ids) >= max_images:
                     break
                 img_ids.append(int(target["image_id"]))
@@ -243,6 +260,7 @@ def evaluate(
                         scale_factor=target["scale_factor"],
                         orig_size=tuple(target["orig_size"]),
                         label_to_cat_id=cat_lookup,
+                        image_size=tuple(size),
                     )
                 )
     finally:

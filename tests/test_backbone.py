@@ -6,7 +6,7 @@ import pytest
 import torch
 import torchvision.models._api as tv_api
 from torch import nn
-from torchvision.models import resnet18
+from torchvision.models import resnet18, resnet34, resnet50
 from torchvision.models.resnet import BasicBlock, ResNet
 
 from retina_sweep.model.backbone import ResNetBackbone, convert_frozen_batchnorm
@@ -87,12 +87,77 @@ def test_missing_keys_are_reported(tmp_path):
         ResNetBackbone(depth=18, pretrained=path)
 
 
-def test_unexpected_keys_warn(tmp_path):
+def test_unexpected_keys_are_an_error(tmp_path):
     state = dict(resnet18().state_dict())
     state["extra.weight"] = torch.zeros(3)
     path = tmp_path / "extra.pt"
     torch.save(state, path)
-    with pytest.warns(UserWarning, match="extra.weight"):
+    with pytest.raises(RuntimeError, match=r"1 keys that the backbone .* does not have: extra"):
+        ResNetBackbone(depth=18, pretrained=path)
+
+
+def test_checkpoint_of_another_depth_is_refused(tmp_path):
+    # ResNet-18's keys are a subset of ResNet-34's with the same shapes: loading what fits used
+    # to give a depth-18 network with a warning, not the depth that was asked for.
+    path = tmp_path / "resnet34.pth"
+    torch.save(resnet34().state_dict(), path)
+    with pytest.raises(RuntimeError, match=r"depth=18.*layer1\.2\.conv1\.weight"):
+        ResNetBackbone(depth=18, pretrained=path)
+
+
+def test_batchnorm_weights_refused_by_a_groupnorm_backbone(tmp_path):
+    # GN has a weight and a bias where BN has them: only the BN statistics tell them apart.
+    _, path = _saved_resnet18(tmp_path)
+    with pytest.raises(RuntimeError, match=r"norm='gn'.*bn1\.running_mean"):
+        ResNetBackbone(depth=18, pretrained=path, norm="gn")
+
+
+@pytest.mark.parametrize("norm", ["frozen_bn", "bn"])
+def test_imagenet_layout_loads_into_every_batchnorm(tmp_path, norm):
+    # torchvision's ImageNet files: BN statistics but no num_batches_tracked (saved before it
+    # existed), plus fc.*: both are fine, whichever batch norm the backbone has.
+    net, _ = _saved_resnet18(tmp_path)
+    state = {k: v for k, v in net.state_dict().items() if "num_batches_tracked" not in k}
+    path = tmp_path / "imagenet_layout.pth"
+    torch.save(state, path)
+    bb = ResNetBackbone(depth=18, pretrained=path, norm=norm, freeze_at=2).eval()
+    torch.testing.assert_close(bb.layer1[0].bn2.running_var, net.layer1[0].bn2.running_var)
+    torch.testing.assert_close(bb.layer4[1].bn2.running_mean, net.layer4[1].bn2.running_mean)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(bb(x)["C5"], _torchvision_features(net, x)[-1])
+
+
+def test_torchvision_resnet50_state_dict_is_the_paper_backbone(tmp_path):
+    # The paper's backbone: torchvision's ResNet-50 names (what IMAGENET1K_V1 holds) load with
+    # nothing missing or left over into depth 50, frozen BN, stem + res2 frozen, and give
+    # torchvision's features in eval mode.
+    torch.manual_seed(0)
+    net = resnet50().eval()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 2.0)
+    path = tmp_path / "resnet50.pth"
+    torch.save(net.state_dict(), path)
+    bb = ResNetBackbone(depth=50, pretrained=path, freeze_at=2, norm="frozen_bn")
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in bb.modules())
+    assert not any(p.requires_grad for p in (*bb.conv1.parameters(), *bb.layer1.parameters()))
+    assert all(p.requires_grad for p in bb.layer2.parameters())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ours = bb.train()(x)  # frozen BN: train mode changes nothing
+        ref = _torchvision_features(net, x)
+    for lv, r in zip(range(2, 6), ref, strict=True):
+        # frozen BN folds its statistics into a scale and a shift: float32 rounding, 50 layers
+        torch.testing.assert_close(ours[f"C{lv}"], r, rtol=1e-4, atol=1e-4)
+
+
+def test_unreadable_checkpoint_names_the_file(tmp_path):
+    path = tmp_path / "truncated.pth"
+    path.write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(ValueError, match=r"cannot read pretrained checkpoint .*truncated\.pth"):
         ResNetBackbone(depth=18, pretrained=path)
 
 
@@ -120,6 +185,18 @@ def test_torchvision_weights_name(monkeypatch):
     torch.testing.assert_close(bb.layer2[0].conv1.weight, source.layer2[0].conv1.weight)
     bb = ResNetBackbone(depth=18, pretrained="ResNet18_Weights.IMAGENET1K_V1")
     assert len(urls) == 2
+
+
+def test_weights_download_failure_says_what_to_do(monkeypatch):
+    # A GPU node without internet: urllib's error alone names neither the file nor a way out.
+    import urllib.error
+
+    def offline(url, *args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(tv_api, "load_state_dict_from_url", offline)
+    with pytest.raises(RuntimeError, match=r"resnet18-f37072fd\.pth.*without internet.*path"):
+        ResNetBackbone(depth=18, pretrained="IMAGENET1K_V1")
 
 
 def test_bad_weights_names():

@@ -106,6 +106,19 @@ def test_target_boxes_labels_crowd_and_scale(tiny):
     assert t5["crowd_boxes"].shape == (0, 4)
 
 
+def test_masks_are_not_kept_in_memory(tmp_path):
+    # Box detection only: the polygons / RLE of a COCO file (most of its size and memory) are
+    # dropped as the JSON is parsed; the boxes, areas and crowd flags COCOeval reads stay.
+    anns = copy.deepcopy(ANNS)
+    anns[0]["segmentation"] = [[10.0, 8.0, 30.0, 8.0, 30.0, 20.0]]
+    anns[2]["segmentation"] = {"counts": [0, 5, 95], "size": [40, 60]}
+    ann_file, _ = _write_dataset(tmp_path, anns=anns)
+    ds = _ds((ann_file, tmp_path / "images"))
+    assert all("segmentation" not in a for a in ds.coco.dataset["annotations"])
+    assert ds.coco.anns[1]["bbox"] == [10, 8, 20, 12] and ds.coco.anns[3]["iscrowd"] == 1
+    assert ds.coco.anns[1]["area"] == 240.0
+
+
 def test_degenerate_boxes_dropped_and_logged(tiny, caplog):
     with caplog.at_level(logging.WARNING, logger="retina_sweep.data.coco"):
         ds = _ds(tiny)
@@ -124,6 +137,29 @@ def test_max_size_caps_the_longer_side(tiny):
     image, t = ds[0]  # 40 x 60: 80 / 40 = 2 would give 120 > 100 -> 100 / 60
     assert t["scale_factor"] == pytest.approx(100 / 60)
     assert image.shape[1:] == (67, 100)
+
+
+def test_boxes_follow_the_whole_pixel_resize_per_axis(tmp_path):
+    # 43 x 64 at scale 60: factor 60 / 43 = 1.3953 would make the width 89.3, rounded to 89
+    # pixels. The content is stretched by 89 / 64 = 1.3906 horizontally, so a box on the image's
+    # right edge must end at x = 89 (it ended at 89.3, outside the image) and a flip must map
+    # the full-image box onto itself.
+    images = [(1, "odd.png", 43, 64)]
+    anns = [
+        {"id": 1, "image_id": 1, "category_id": 3, "bbox": [0, 0, 64, 43], "iscrowd": 0},
+        {"id": 2, "image_id": 1, "category_id": 7, "bbox": [32, 0, 32, 43], "iscrowd": 1},
+    ]
+    ann_file, img_dir = _write_dataset(tmp_path, images=images, anns=anns)
+    for flip in (0.0, 1.0):
+        ds = CocoDetection(
+            ann_file=ann_file, img_dir=img_dir, train=True, scale=60, max_size=1000, flip_prob=flip
+        )
+        image, t = ds[0]
+        assert image.shape[1:] == (60, 89)
+        assert t["scale_factor"] == pytest.approx(60 / 43)  # the resize rule's factor
+        assert torch.equal(t["boxes"], torch.tensor([[0.0, 0.0, 89.0, 60.0]]))
+        half = [[44.5, 0.0, 89.0, 60.0]] if flip == 0.0 else [[0.0, 0.0, 44.5, 60.0]]
+        assert torch.equal(t["crowd_boxes"], torch.tensor(half))
 
 
 def test_flip_prob_one_mirrors_image_and_boxes(tiny):
@@ -233,6 +269,34 @@ def test_missing_image_file_named_on_read(tiny):
         ds[1]
 
 
+def test_image_files_checked_with_one_listing(tiny, monkeypatch):
+    # 118k stats for train2017 (minutes on a network file system, in every process): the flat
+    # image folder is listed once instead; only names it lacks, or with a folder, get a stat.
+    from pathlib import Path
+
+    ann_file, img_dir = tiny
+    (img_dir / "sub").mkdir()
+    Image.new("RGB", (24, 24)).save(img_dir / "sub" / "d.png")
+    data = json.loads(ann_file.read_text())
+    data["images"][3]["file_name"] = "sub/d.png"
+    ann_file.write_text(json.dumps(data))
+    stats = []
+    real_is_file = Path.is_file
+
+    def counting_is_file(self, *args, **kwargs):
+        if img_dir in self.parents:
+            stats.append(self.relative_to(img_dir).as_posix())
+        return real_is_file(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "is_file", counting_is_file)
+    ds = _ds(tiny, skip_empty=False)
+    assert len(ds) == 4 and stats == ["sub/d.png"]  # a folder in the name: its own stat
+    (img_dir / "c.png").unlink()
+    stats.clear()
+    with pytest.raises(MissingDataError, match=r"1 of 4 image files .* first: c.png$"):
+        _ds(tiny, skip_empty=False)
+
+
 def test_image_size_mismatch_named(tiny):
     ann_file, img_dir = tiny
     Image.fromarray(np.zeros((31, 30, 3), dtype=np.uint8)).save(img_dir / "b.png")
@@ -281,6 +345,15 @@ def _set(key, index, field, value):
             r"annotation 5 has bbox \[1, None, 2, 3\]",
         ),
         (_set("annotations", 1, "bbox", [1, 1, float("nan"), 3]), "annotation 2 has bbox .*finite"),
+        # silently wrong before: pycocotools keeps the last of two images with one id
+        (
+            lambda d: d["images"].append({**d["images"][0], "file_name": "z.png"}),
+            r"image id 1 is listed twice in 'images' \(a.png and z.png\)",
+        ),
+        (_set("images", 1, "width", 0), r"image 2 \(b.png\) has size 0x30 \(w x h\)"),
+        # COCOeval would fail on these at the first evaluation, after the training
+        (_set("annotations", 3, "area", "12"), r"annotations\[3\] \(id 4\) has '12' as 'area'"),
+        (_set("annotations", 0, "iscrowd", "0"), r"annotations\[0\] \(id 1\) has '0' as 'iscrowd'"),
     ],
     ids=[
         "ann-no-id",
@@ -296,6 +369,10 @@ def _set(key, index, field, value):
         "bbox-str",
         "bbox-null",
         "bbox-nan",
+        "image-id-twice",
+        "image-width-0",
+        "area-str",
+        "iscrowd-str",
     ],
 )
 def test_malformed_annotation_names_file_entry_and_field(tmp_path, edit, message):
@@ -420,6 +497,19 @@ def test_build_loader_train_and_eval(tiny):
     assert "ann.json" in str(err.value) and "skip_empty" not in str(err.value)
 
 
+def test_distributed_eval_loader_shards_every_image_once(tiny, monkeypatch):
+    # 4 images over 3 ranks: DistributedSampler padded the shards to 2 + 2 + 2 by repeating
+    # images, which a gathered COCO evaluation would count twice.
+    ds = _ds(tiny, skip_empty=False)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda *a, **k: 3)
+    shards = []
+    for rank in range(3):
+        monkeypatch.setattr(torch.distributed, "get_rank", lambda *a, _r=rank, **k: _r)
+        loader = build_loader(ds, batch_size=2, train=False, num_workers=0, distributed=True)
+        shards.append([t["image_id"] for _, targets, _ in loader for t in targets])
+    assert shards == [[1, 9], [2], [5]]
+
+
 def test_build_loader_too_few_images_names_file_and_skip_empty(tiny):
     # Two of the four images have no usable box; skip_empty leaves 2 < batch_size 3.
     ds = _ds(tiny, skip_empty=True, train=True)
@@ -457,3 +547,76 @@ def test_loader_flips_reproducible_with_workers(tiny):
     for image_id, boxes in a:
         by_id.setdefault(image_id, set()).add(boxes)
     assert any(len(v) == 2 for v in by_id.values())
+
+
+def _official_coco_root(root):
+    """A tiny COCO 2017 in the official layout: JPEGs, COCO's category ids 1 / 44 / 90 (labels
+    0..2), a crowd region, a val image without annotations, odd image sizes."""
+    rng = np.random.default_rng(0)
+    cats = [{"id": 1, "name": "person"}, {"id": 44, "name": "bottle"}, {"id": 90, "name": "brush"}]
+    (root / "annotations").mkdir(parents=True)
+    for split, n in (("train2017", 8), ("val2017", 3)):
+        (root / split).mkdir()
+        images, anns = [], []
+        for i in range(n):
+            h, w = 61 + 7 * i, 97 - 5 * i
+            image_id = 139 + 1000 * i
+            k = 0 if (split == "val2017" and i == 0) else 2
+            for j in range(k):
+                bbox = [3.0 + 20 * j, 5.0, 17.0 + 3 * i, 21.0]
+                anns.append(
+                    {
+                        "id": len(anns) + 1,
+                        "image_id": image_id,
+                        "category_id": cats[(i + j) % 3]["id"],
+                        "bbox": bbox,
+                        "area": bbox[2] * bbox[3],
+                        "iscrowd": int(j == 1 and i == 1),
+                        "segmentation": [[bbox[0], bbox[1], bbox[0] + bbox[2], bbox[1], 9.0, 9.0]],
+                    }
+                )
+            name = f"{image_id:012d}.jpg"
+            pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / split / name, quality=90)
+            images.append({"id": image_id, "file_name": name, "height": h, "width": w})
+        (root / "annotations" / f"instances_{split}.json").write_text(
+            json.dumps({"images": images, "annotations": anns, "categories": cats})
+        )
+
+
+def test_a_run_on_the_official_coco_layout_evaluates_every_val_image(tmp_path, monkeypatch):
+    # The whole path of `data=coco`: the official layout, labels back to COCO's category ids,
+    # every val image (the one without annotations too) given to COCOeval.
+    from helpers import compose_config
+
+    from retina_sweep import evaluation
+    from retina_sweep.train import run
+
+    _official_coco_root(tmp_path / "coco")
+    seen = {}
+    real_coco_evaluate = evaluation.coco_evaluate
+
+    def spy(coco_gt, detections, **kwargs):
+        seen.update(detections=list(detections), img_ids=list(kwargs["img_ids"]))
+        return real_coco_evaluate(coco_gt, detections, **kwargs)
+
+    monkeypatch.setattr(evaluation, "coco_evaluate", spy)
+    cfg = compose_config(
+        [
+            "scale=smoke",
+            "data=coco",
+            f"data.root={tmp_path / 'coco'}",
+            "data.num_classes=3",
+            "data.scale=48",
+            "data.max_size=64",
+            "model.inference.score_thresh=0.0",
+            "tracking=none",
+            f"paths.root={tmp_path}/sweeps",
+        ]
+    )
+    ap = run(cfg)
+    assert 0.0 <= ap <= 100.0
+    assert sorted(seen["img_ids"]) == [139, 1139, 2139]
+    dets = seen["detections"]
+    assert dets and {d["category_id"] for d in dets} <= {1, 44, 90}
+    assert {d["image_id"] for d in dets} <= {139, 1139, 2139}

@@ -163,6 +163,46 @@ def test_to_coco_results_maps_back():
     assert res[1]["bbox"] == [0.0, 0.0, 100.0, 10.0] and res[1]["category_id"] == 5
 
 
+def test_to_coco_results_divides_by_the_whole_pixel_ratios():
+    # A 43 x 64 image resized by the rule's factor 60 / 43 to 60 x 89 whole pixels: a detection
+    # of the whole resized image is the whole original image (dividing by the factor gave a
+    # width of 63.78).
+    out = {
+        "boxes": torch.tensor([[0.0, 0.0, 89.0, 60.0], [44.5, 30.0, 89.0, 45.0]]),
+        "scores": torch.tensor([0.9, 0.8]),
+        "labels": torch.tensor([0, 0]),
+    }
+    res = to_coco_results(
+        out,
+        image_id=1,
+        scale_factor=60 / 43,
+        orig_size=(43, 64),
+        label_to_cat_id=torch.tensor([1]),
+        image_size=(60, 89),
+    )
+    assert res[0]["bbox"] == [0.0, 0.0, 64.0, 43.0]
+    assert res[1]["bbox"] == pytest.approx([32.0, 21.5, 32.0, 10.75])
+
+
+def test_evaluate_maps_back_by_the_loader_image_sizes(tmp_path):
+    _gt(tmp_path, [[(1, [0, 0, 64, 43])]], sizes=[(43, 64)])
+    (tmp_path / "img").mkdir()
+    Image.fromarray(np.zeros((43, 64, 3), dtype=np.uint8)).save(tmp_path / "img" / "1.png")
+    ds = CocoDetection(
+        ann_file=tmp_path / "gt.json", img_dir=tmp_path / "img", train=False, scale=60, max_size=99
+    )
+    loader = build_loader(ds, batch_size=1, train=False, num_workers=0, size_divisible=32)
+    full = {
+        "boxes": torch.tensor([[0.0, 0.0, 89.0, 60.0]]),
+        "scores": torch.tensor([0.9]),
+        "labels": torch.tensor([0]),
+    }
+    results = tmp_path / "results.json"
+    m = evaluate(Oracle([full]), loader, ds, "cpu", results_file=results)
+    assert json.loads(results.read_text())[0]["bbox"] == [0.0, 0.0, 64.0, 43.0]
+    assert m["AP"] == pytest.approx(100.0)
+
+
 # ---- evaluate() with a stand-in detector ---------------------------------------------------------
 
 
@@ -254,3 +294,73 @@ def test_evaluate_without_detections(val_set):
     outs = [{k: v[:0] for k, v in o.items()} for o in _oracle_outputs(val_set)]
     m = evaluate(Oracle(outs), loader, val_set, "cpu")
     assert m["AP"] == 0.0 and m["num_detections"] == 0
+
+
+def test_evaluate_annotations_without_area_and_iscrowd(tmp_path, caplog):
+    # A COCO-format file from another converter: no "area", no "iscrowd". COCOeval needs both
+    # and used to raise a bare KeyError at the first evaluation, after the training.
+    sizes = [(40, 60), (30, 30)]
+    boxes = [[(8, [10, 8, 20, 12]), (4, [40, 0, 20, 40])], [(4, [5, 5, 20, 10])]]
+    _gt(tmp_path, boxes, cats=(4, 8), sizes=sizes)
+    data = json.loads((tmp_path / "gt.json").read_text())
+    for ann in data["annotations"]:
+        del ann["area"], ann["iscrowd"]
+    (tmp_path / "gt.json").write_text(json.dumps(data))
+    (tmp_path / "img").mkdir()
+    for i, (h, w) in enumerate(sizes):
+        Image.fromarray(np.zeros((h, w, 3), dtype=np.uint8)).save(tmp_path / "img" / f"{i + 1}.png")
+    with caplog.at_level("WARNING", logger="retina_sweep.data.coco"):
+        ds = CocoDetection(
+            ann_file=tmp_path / "gt.json",
+            img_dir=tmp_path / "img",
+            train=False,
+            scale=80,
+            max_size=1000,
+            skip_empty=False,
+        )
+    assert "3 annotations lack 'area'" in caplog.text and "3 lack 'iscrowd'" in caplog.text
+    assert sorted(a["area"] for a in ds.coco.anns.values()) == [200.0, 240.0, 800.0]
+    loader = build_loader(ds, batch_size=2, train=False, num_workers=0, size_divisible=32)
+    m = evaluate(Oracle(_oracle_outputs(ds)), loader, ds, "cpu")
+    assert m["AP"] == pytest.approx(100.0) and m["APs"] == pytest.approx(100.0)
+    assert math.isnan(m["APm"])  # every filled-in area (at most 800) is below 32^2: small
+
+
+def test_detections_on_a_crowd_region_are_not_false_positives(tmp_path):
+    # COCOeval's crowd rule, through load_coco: a detection inside an iscrowd=1 region is ignored
+    # (neither a hit nor a false positive) and the crowd region is no ground truth to find.
+    data = {
+        "images": [{"id": 1, "file_name": "1.png", "height": 200, "width": 200}],
+        "annotations": [
+            {
+                "id": 1,
+                "image_id": 1,
+                "category_id": 1,
+                "bbox": [0, 0, 50, 50],
+                "area": 2500.0,
+                "iscrowd": 0,
+            },
+            {
+                "id": 2,
+                "image_id": 1,
+                "category_id": 1,
+                "bbox": [100, 100, 90, 90],
+                "area": 8100.0,
+                "iscrowd": 1,
+                "segmentation": {"counts": [10000, 30000], "size": [200, 200]},
+            },
+        ],
+        "categories": [{"id": 1}],
+    }
+    path = tmp_path / "gt.json"
+    path.write_text(json.dumps(data))
+    gt = load_coco(path)
+    found = _det(1, [0, 0, 50, 50], 0.5)
+    on_crowd = [_det(1, [110 + i, 110, 30, 30], 0.9) for i in range(3)]  # scored higher
+    m = coco_evaluate(gt, [found, *on_crowd])
+    assert m["AP"] == pytest.approx(100.0) and m["AR100"] == pytest.approx(100.0)
+    # The same boxes as ordinary false positives, for contrast.
+    data["annotations"][1]["iscrowd"] = 0
+    path.write_text(json.dumps(data))
+    m = coco_evaluate(load_coco(path), [found, *on_crowd])
+    assert m["AP"] < 50.0

@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, Sampler, SequentialSampler
 
-__all__ = ["collate", "build_loader", "EpochShuffleSampler", "Collate"]
+__all__ = ["collate", "build_loader", "EpochShuffleSampler", "Collate", "ShardSampler"]
 
 
 def collate(
@@ -161,6 +161,28 @@ class GlobalBatchShardSampler(Sampler[Any]):
         return self.num_batches * self.batch_size
 
 
+class ShardSampler(Sampler[int]):
+    """Rank `r` of `world_size` takes items `r, r + world_size, ...` of the dataset, in order.
+
+    For a sharded evaluation: every image is in exactly one shard. torch's DistributedSampler
+    pads the shards to equal length by repeating images, and a repeated image would be counted
+    twice by COCOeval once the shards' detections are gathered.
+    """
+
+    def __init__(self, data_source: Sized, *, rank: int, world_size: int) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        self.num_samples = len(data_source)
+        self.rank = int(rank)
+        self.world_size = int(world_size)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.num_samples, self.world_size))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.num_samples, self.world_size))
+
+
 def _seed_worker(worker_id: int) -> None:
     # DataLoader already seeds torch per worker (base_seed + worker_id); extend that seed to
     # numpy and random so any transform using them is reproducible too and not shared by forks.
@@ -192,7 +214,7 @@ def build_loader(
         num_workers: DataLoader worker processes (0 = load in the main process).
         distributed: shard among the ranks of the initialised process group: training with
             `GlobalBatchShardSampler` (same global batches as one process), evaluation with
-            `DistributedSampler`.
+            `ShardSampler` (each image in exactly one shard, none repeated to even them out).
         seed: seeds the shuffling and the workers' RNGs (hence the flips).
         pin_memory: pinned host memory for faster host-to-GPU copies; None = when CUDA is
             available.
@@ -217,7 +239,11 @@ def build_loader(
             with_draws=True,
         )
     elif distributed:
-        sampler = DistributedSampler(dataset, shuffle=False, drop_last=False)
+        sampler = ShardSampler(
+            dataset,
+            rank=torch.distributed.get_rank(),
+            world_size=torch.distributed.get_world_size(),
+        )
     elif train:
         sampler = EpochShuffleSampler(dataset, seed=seed, with_draws=True)
     else:

@@ -2,13 +2,16 @@
 
 The paper trains and tests with a single scale: the shorter image side is resized to `scale`
 pixels (600 in Table 1) with the longer side capped at `max_size` (1000), and the only
-augmentation is a horizontal flip. Boxes follow the image: they are scaled by the same factor
-and mirrored with it. Everything here works on `xyxy` boxes in continuous pixel coordinates
+augmentation is a horizontal flip. Boxes follow the image: they are scaled with it and mirrored
+with it. Everything here works on `xyxy` boxes in continuous pixel coordinates
 (a box covering pixel columns 0..9 is x1 = 0, x2 = 10), so a flip is exactly `x' = W - x`.
 
-The random flip draws from torch's global RNG on purpose: inside a DataLoader worker that RNG
-is seeded per worker from the loader's generator, so the flips of a run are reproducible from
-the run's seed, for any number of workers.
+Whether an image is flipped is decided by `CocoDetection.__getitem__` from the random number the
+training sampler hands it with the index (retina_sweep/data/loader.py), so the flips of a run
+are a function of its seed and of the position in the epoch, whatever the number of workers.
+
+The image is resized to whole pixels, so its exact scale differs per axis from the rule's
+factor by up to half a pixel over the image; `CocoDetection` scales boxes by the exact ratios.
 """
 
 from __future__ import annotations

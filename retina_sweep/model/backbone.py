@@ -10,7 +10,6 @@ few for batch statistics.
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -83,7 +82,13 @@ def _looks_like_path(pretrained: str) -> bool:
 def _checkpoint_state_dict(path: Path) -> dict[str, Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"pretrained backbone checkpoint not found: {path}")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a zip or pickle error that does not name the file
+        raise ValueError(
+            f"cannot read pretrained checkpoint {path} as a torch state dict "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+        ) from err
     if isinstance(obj, Mapping):
         for key in ("model", "state_dict"):
             if key in obj and isinstance(obj[key], Mapping):
@@ -112,7 +117,16 @@ def _torchvision_state_dict(depth: int, name: str) -> dict[str, Tensor]:
             f"pretrained={name!r} is neither an existing file nor a torchvision weights name of "
             f"ResNet{depth}_Weights (e.g. 'IMAGENET1K_V1')"
         ) from err
-    return weights.get_state_dict(progress=False)
+    try:
+        return weights.get_state_dict(progress=False)
+    except OSError as err:  # urllib's URLError, a refused connection, a full disk
+        file_name = weights.url.rsplit("/", 1)[-1]
+        raise RuntimeError(
+            f"pretrained={name!r}: cannot fetch {weights.url} into torch's cache "
+            f"({torch.hub.get_dir()}/checkpoints): {err}. On a machine without internet, copy "
+            f"{file_name} there from one that has it, or set model.backbone.pretrained to the "
+            "path of the file"
+        ) from err
 
 
 class ResNetBackbone(nn.Module):
@@ -182,10 +196,14 @@ class ResNetBackbone(nn.Module):
 
         Raises:
             FileNotFoundError: a path that does not exist (the message names it).
-            ValueError: an unknown weights name, depth 10 with a weights name, or a file that
-                does not hold a state dict.
-            RuntimeError: parameters of the backbone missing from the weights (the message lists
-                them), or shape mismatches. Unexpected extra keys only warn.
+            ValueError: an unknown weights name, depth 10 with a weights name, a file that torch
+                cannot read or that does not hold a state dict (the message names it).
+            RuntimeError: a torchvision weights download that failed (the message says how to
+                do without it); parameters of the backbone missing from the weights, or keys in
+                the weights that the backbone does not have (another depth, or batch-norm
+                weights for ``norm="gn"``; the message lists them); shape mismatches. Only the
+                classifier (``fc.*``) and a frozen batch norm's ``num_batches_tracked`` are
+                dropped.
         """
         source = os.fspath(pretrained)
         if _looks_like_path(source):
@@ -206,12 +224,16 @@ class ResNetBackbone(nn.Module):
                 + (" ..." if len(result.missing_keys) > 10 else "")
             )
         if result.unexpected_keys:
+            # Weights the backbone has no place for mean that the checkpoint is another network:
+            # a deeper ResNet (its extra blocks would be dropped silently) or batch-norm weights
+            # and statistics for a GroupNorm backbone. Loading what fits would train something
+            # else than what was asked for.
             shown = ", ".join(result.unexpected_keys[:10])
-            warnings.warn(
-                f"pretrained weights {source}: {len(result.unexpected_keys)} keys unused by the "
-                f"backbone (depth={self.depth}, norm={self.norm!r}): {shown}"
-                + (" ..." if len(result.unexpected_keys) > 10 else ""),
-                stacklevel=2,
+            raise RuntimeError(
+                f"pretrained weights {source} hold {len(result.unexpected_keys)} keys that the "
+                f"backbone (depth={self.depth}, norm={self.norm!r}) does not have: {shown}"
+                + (" ..." if len(result.unexpected_keys) > 10 else "")
+                + "; is the checkpoint of another depth or norm?"
             )
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
