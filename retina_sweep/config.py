@@ -11,7 +11,8 @@ experiment launched from a sweep, by hand or on another machine has the same has
 reason a COCO dataset enters the identity by the content of its annotation files (their
 SHA-256), not by `data.root`: the same COCO mounted elsewhere is the same experiment, and another
 dataset under the same keys is not (it would otherwise resume another dataset's checkpoint and
-skip as "finished" against another dataset's run).
+skip as "finished" against another dataset's run). Local pretrained backbone weights
+(`model.backbone.pretrained=/path/to/file.pth`) enter it by their content the same way.
 """
 
 from __future__ import annotations
@@ -379,6 +380,12 @@ def identity_dict(cfg: DictConfig) -> dict[str, Any]:
             }
         else:
             backbone.pop("synthetic_pretrain", None)
+            weights = backbone.get("pretrained")
+            if isinstance(weights, str) and Path(weights).expanduser().is_file():
+                # Local weights by content, as a COCO dataset: another file at the same path is
+                # another experiment, the same file elsewhere the same one. (A torchvision
+                # weights name such as IMAGENET1K_V1 names fixed weights and stays as it is.)
+                backbone["pretrained"] = "sha256:" + annotation_fingerprint(weights)
     for dotted, other in HASH_SAME_AS.items():
         value = _select(out, dotted)
         if value is None or _normalise(value) == _normalise(_select(out, other)):

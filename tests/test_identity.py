@@ -46,3 +46,23 @@ def test_weight_decay_norm_enters_the_identity_only_when_it_changes_the_training
 def test_a_negative_weight_decay_norm_names_the_key() -> None:
     with pytest.raises(ConfigError, match=r"train\.weight_decay_norm"):
         validate(compose_config(["train.weight_decay_norm=-1"]))
+
+
+def test_local_pretrained_weights_are_identified_by_their_content(tmp_path) -> None:
+    """Like a COCO dataset: another file at the same path is another experiment (it used to
+    resume the first one's checkpoint and skip as finished), the same file elsewhere is not."""
+
+    def hash_of(path) -> str:
+        return config_hash(compose_config(["scale=paper", f"model.backbone.pretrained={path}"]))
+
+    weights = tmp_path / "r50.pth"
+    weights.write_bytes(b"first weights")
+    first = hash_of(weights)
+    copy = tmp_path / "elsewhere" / "r50.pth"
+    copy.parent.mkdir()
+    copy.write_bytes(b"first weights")
+    assert hash_of(copy) == first
+    weights.write_bytes(b"other weights!")
+    assert hash_of(weights) != first
+    # A torchvision weights name is not a file: it stays the name (the paper preset's hash).
+    assert hash_of("IMAGENET1K_V1") == GOLDEN[("scale=paper",)]
