@@ -1,9 +1,10 @@
 """Multi-process training (train.devices=2, gloo on CPU): it steps exactly like one process, and
-the ranks stay together when one of them sees a non-finite loss and when rank 0's pruner stops
-the run (no hang; tests/ddp_faults.py injects the faults)."""
+the ranks stay together when one of them sees a non-finite loss, when rank 0's pruner stops the
+run, and when one of them crashes (no hang; tests/ddp_faults.py injects the faults)."""
 
 from __future__ import annotations
 
+import datetime
 import math
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from helpers import compose_config
 from hydra.utils import instantiate
 from mlflow.tracking import MlflowClient
 
+from retina_sweep import distributed
 from retina_sweep.config import config_hash
 from retina_sweep.data.loader import EpochShuffleSampler, GlobalBatchShardSampler
 from retina_sweep.train import run
@@ -222,3 +224,46 @@ def test_rank0_pruning_stops_every_rank(tmp_path: Path) -> None:
     assert r.info.status == "KILLED" and r.data.tags["outcome"] == "pruned"
     assert r.data.tags["pruned_at"] == "2"
     assert [m.step for m in mlf.get_metric_history(r.info.run_id, "loss")] == [1, 2]
+
+
+@pytest.mark.slow
+def test_a_crash_on_one_rank_fails_the_launch_and_the_run(tmp_path: Path) -> None:
+    """An exception on rank 1 only (a stand-in for a data error) while rank 0 waits in a
+    collective: the launch raises one ChildFailedError naming it, nothing hangs, and rank 0's
+    MLflow run is closed FAILED with rank 1's error (not gloo's "Connection closed by peer")."""
+    overrides = _fault_overrides(
+        tmp_path, 2, "+loss.fault=raise", "+loss.fault_rank=1", "+loss.fault_call=2"
+    )
+    rc, _, out = run_with_deadline(overrides, DEADLINE)
+    assert rc != 0
+    assert "ChildFailedError" in out and "injected data error on rank 1" in out
+    _, runs = _runs(tmp_path)
+    assert len(runs) == 1
+    r = runs[0]
+    assert r.info.status == "FAILED" and r.data.tags["outcome"] == "failed"
+    assert r.data.tags["error"] == (
+        "rank 1 of 2 failed: RuntimeError: injected data error on rank 1"
+    )
+
+
+def test_collective_timeout_is_generous_and_reaches_the_process_group(monkeypatch) -> None:
+    """Rank 0 evaluates while the others wait in a collective: the process group gets
+    RETINA_SWEEP_DIST_TIMEOUT_MIN (default 180 min), not gloo's 30 or NCCL's 10 minutes."""
+    monkeypatch.delenv(distributed.TIMEOUT_ENV, raising=False)
+    assert distributed.collective_timeout() == datetime.timedelta(minutes=180)
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, "7.5")
+    assert distributed.collective_timeout() == datetime.timedelta(minutes=7.5)
+    for bad in ("0", "-1", "soon", "nan"):
+        monkeypatch.setenv(distributed.TIMEOUT_ENV, bad)
+        with pytest.raises(ValueError, match=distributed.TIMEOUT_ENV):
+            distributed.collective_timeout()
+
+    seen = {}
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda **kw: seen.update(kw))
+    monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda: None)
+    monkeypatch.setattr("retina_sweep.train.run_worker", lambda cfg, **kw: 1.0)
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(key, value)
+    cfg_yaml = "device: cpu\ntrain: {threads: 1}\n"
+    assert distributed._worker(cfg_yaml, 600.0) == 1.0
+    assert seen == {"backend": "gloo", "timeout": datetime.timedelta(minutes=10)}
