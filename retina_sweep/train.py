@@ -42,16 +42,33 @@ __all__ = ["run", "train", "Diverged", "TrialPruned", "lr_factor", "resolve_lr"]
 
 
 class Diverged(RuntimeError):
-    """The loss became non-finite: the run stops and is recorded as diverged."""
+    """The loss became non-finite: the run stops and is recorded as diverged.
 
-    def __init__(self, iteration: int, losses: dict[str, float]) -> None:
-        super().__init__(f"non-finite loss at iteration {iteration}: {losses}")
+    ``iteration`` counts from 1 (the first iteration is 1): it is the number of iterations done
+    with the one that failed, the step its metrics would have been logged at (the MLflow tag
+    ``diverged_at``, like ``pruned_at``). ``losses`` are this process's; in a distributed run
+    ``ranks`` lists the ranks whose loss was non-finite (maybe not this one: all ranks stop).
+    """
+
+    def __init__(
+        self, iteration: int, losses: dict[str, float], ranks: list[int] | None = None
+    ) -> None:
+        if ranks is None:
+            message = f"non-finite loss at iteration {iteration}: {losses}"
+        else:
+            message = (
+                f"non-finite loss at iteration {iteration} on rank(s) "
+                f"{', '.join(map(str, ranks))} (the losses of this rank: {losses})"
+            )
+        super().__init__(message)
         self.iteration = iteration
         self.losses = losses
+        self.ranks = ranks
 
 
 class TrialPruned(RuntimeError):
-    """A pruner (see `cfg.pruning`) asked the run to stop early."""
+    """A pruner (see `cfg.pruning`) asked the run to stop early, after ``iteration`` iterations
+    (counted from 1: the step of the evaluation that decided, the MLflow tag ``pruned_at``)."""
 
     def __init__(self, iteration: int) -> None:
         super().__init__(f"pruned at iteration {iteration}")
@@ -469,20 +486,25 @@ def train(
         with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
             losses = model(images, targets, image_sizes=image_sizes)
         loss = sum(losses.values())
-        finite = torch.isfinite(loss.detach())
+        local_finite = torch.isfinite(loss.detach())
+        finite = local_finite
         if distributed:
             # Every rank takes the same branch: one rank skipping the backward (or raising)
             # while the others enter DDP's gradient all-reduce would hang them all.
-            flag = finite.to(device=loss.device, dtype=torch.int32)
+            flag = local_finite.to(device=loss.device, dtype=torch.int32)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
             finite = flag.bool()
         if not bool(finite):
             nonfinite += 1
+            # Counted from 1, as the metric steps (`done` below): the number of this iteration.
+            step = iteration + 1
+            bad_ranks = _nonfinite_ranks(local_finite, rank, world_size) if distributed else None
             if nonfinite > int(tcfg.get("max_nonfinite", 0)):
-                raise Diverged(iteration, {k: float(v.detach()) for k, v in losses.items()})
+                raise Diverged(step, {k: float(v.detach()) for k, v in losses.items()}, bad_ranks)
             log.warning(
-                "non-finite loss at iteration %d, step skipped (%d of train.max_nonfinite=%d)",
-                iteration,
+                "non-finite loss at iteration %d%s, step skipped (%d of train.max_nonfinite=%d)",
+                step,
+                f" on rank(s) {', '.join(map(str, bad_ranks))}" if bad_ranks else "",
                 nonfinite,
                 int(tcfg.get("max_nonfinite", 0)),
             )
@@ -573,6 +595,15 @@ def train(
     return metrics or {}
 
 
+def _nonfinite_ranks(local_finite: torch.Tensor, rank: int, world_size: int) -> list[int]:
+    """The ranks whose loss was non-finite at this iteration. A collective: every rank calls it
+    (they all take the non-finite branch together, see `train`), and only then."""
+    flags = torch.zeros(world_size, dtype=torch.int32, device=local_finite.device)
+    flags[rank] = int(not bool(local_finite))
+    torch.distributed.all_reduce(flags)
+    return [r for r in range(world_size) if flags[r]]
+
+
 def _is_num(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
 
@@ -631,7 +662,9 @@ def _run_worker(cfg: DictConfig, *, rank: int, world_size: int, local_rank: int)
         if overrides is not None:
             tracker.log_text("\n".join(overrides) + "\n", "config/overrides.txt")
 
-    pruner = build_pruner(cfg)
+    # Only rank 0 evaluates, so only it asks the pruner (its decision is broadcast in `train`):
+    # the other ranks do not open the study (a storage connection each, for nothing).
+    pruner = build_pruner(cfg) if rank == 0 else None
 
     def on_eval(step: int, metrics: dict[str, float]) -> None:
         if pruner is not None and pruner.report(step, metrics):
@@ -655,6 +688,8 @@ def _run_worker(cfg: DictConfig, *, rank: int, world_size: int, local_rank: int)
             cfg.train.get("lr"),
             cfg.train.get("base_lr"),
         )
+        # 1-based, as the metric steps and `pruned_at`: the loss of iteration `diverged_at`
+        # (the step its metrics would have been logged at) was the non-finite one.
         tracker.finish("diverged", error=str(exc), diverged_at=exc.iteration)
         return math.nan
     except TrialPruned as exc:

@@ -1,14 +1,21 @@
-"""Multi-process training (train.devices=2, gloo on CPU) steps exactly like one process."""
+"""Multi-process training (train.devices=2, gloo on CPU): it steps exactly like one process, and
+the ranks stay together when one of them sees a non-finite loss, when rank 0's pruner stops the
+run, and when one of them crashes (no hang; tests/ddp_faults.py injects the faults)."""
 
 from __future__ import annotations
 
+import datetime
+import math
 from pathlib import Path
 
 import pytest
 import torch
+from ddp_faults import read_log, run_with_deadline
 from helpers import compose_config
 from hydra.utils import instantiate
+from mlflow.tracking import MlflowClient
 
+from retina_sweep import distributed
 from retina_sweep.config import config_hash
 from retina_sweep.data.loader import EpochShuffleSampler, GlobalBatchShardSampler
 from retina_sweep.train import run
@@ -99,3 +106,164 @@ def test_two_gloo_workers_equal_one_process(tmp_path: Path) -> None:
         assert diff <= 1e-4 * scale + 1e-6, f"{key}: max diff {diff:.3g} (scale {scale:.3g})"
         moved += int((value - initial.state_dict()[key]).abs().max() > 1e-4)
     assert moved > 10
+
+
+# ---------------------------------------------------------------------------------------------
+# Faults under DDP: every test runs `run(cfg)` in a subprocess killed after DEADLINE seconds, so
+# a hang fails it. A normal run takes 15-25 s on two shared cores.
+# ---------------------------------------------------------------------------------------------
+DEADLINE = 120.0
+
+
+def _fault_overrides(tmp_path: Path, devices: int, *extra: str) -> list[str]:
+    return [
+        "scale=smoke",
+        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+        f"paths.root={tmp_path}/sweeps",
+        f"data.cache_dir={tmp_path}/cache",
+        f"train.devices={devices}",
+        "train.iterations=3",
+        "train.warmup_iters=0",
+        "train.checkpoint_every=0",
+        "train.threads=1",
+        "train.cpu_amp=false",
+        "tracking.log_every=1",
+        "model.backbone.norm=gn",
+        "data.flip_prob=0.0",
+        # the focal loss, with a fault on one rank (ddp_faults.faulty_focal)
+        "loss._target_=ddp_faults.faulty_focal",
+        *extra,
+    ]
+
+
+def _runs(tmp_path: Path):
+    mlf = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    exp = mlf.get_experiment_by_name("retina_sweep")
+    return mlf, mlf.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
+
+
+def _checkpoint(tmp_path: Path, overrides: list[str]):
+    h = config_hash(compose_config(overrides))
+    return torch.load(tmp_path / "sweeps" / "checkpoints" / h / "last.pt", weights_only=True)
+
+
+@pytest.mark.slow
+def test_nonfinite_loss_on_one_rank_is_skipped_by_all(tmp_path: Path) -> None:
+    """train.max_nonfinite=1, NaN on rank 1 only at its 2nd iteration: both ranks skip that step
+    (they would hang in DDP's all-reduce otherwise) and end with the weights of one process that
+    skipped the same step."""
+    nan_at_2 = ["+loss.fault=nonfinite", "+loss.fault_call=2", "train.max_nonfinite=1"]
+    ddp = _fault_overrides(tmp_path / "ddp", 2, *nan_at_2, "+loss.fault_rank=1")
+    rc, ap, out = run_with_deadline(ddp, DEADLINE)
+    assert rc == 0, out
+    assert math.isfinite(ap)
+    assert "non-finite loss at iteration 2 on rank(s) 1, step skipped" in out
+    mlf, runs = _runs(tmp_path / "ddp")
+    assert [r.data.tags["outcome"] for r in runs] == ["completed"]
+    # the skipped step is counted (the schedule moved on) but logs no loss
+    assert [m.step for m in mlf.get_metric_history(runs[0].info.run_id, "loss")] == [1, 3]
+    single = _fault_overrides(tmp_path / "single", 1, *nan_at_2, "+loss.fault_rank=0")
+    rc, _, out = run_with_deadline(single, DEADLINE)
+    assert rc == 0, out
+    a, b = _checkpoint(tmp_path / "single", single), _checkpoint(tmp_path / "ddp", ddp)
+    assert a["iteration"] == b["iteration"] == 3
+    for key, value in a["model"].items():
+        if torch.is_floating_point(value):
+            diff = (b["model"][key] - value).abs().max().item()
+            assert diff <= 1e-4 * value.abs().max().item() + 1e-6, key
+
+
+@pytest.mark.slow
+def test_nonfinite_loss_on_one_rank_ends_the_run_diverged(tmp_path: Path) -> None:
+    """train.max_nonfinite=0, NaN on rank 1 only: every rank raises Diverged, the launch returns
+    nan and rank 0's MLflow run ends diverged at the 1-based step of the NaN, naming the rank."""
+    overrides = _fault_overrides(
+        tmp_path, 2, "+loss.fault=nonfinite", "+loss.fault_rank=1", "+loss.fault_call=2"
+    )
+    rc, ap, out = run_with_deadline(overrides, DEADLINE)
+    assert rc == 0, out
+    assert math.isnan(ap)
+    mlf, runs = _runs(tmp_path)
+    assert len(runs) == 1
+    r = runs[0]
+    assert r.info.status == "FINISHED" and r.data.tags["outcome"] == "diverged"
+    # the 2nd iteration's loss was NaN: diverged_at counts as the metric steps do
+    assert r.data.tags["diverged_at"] == "2"
+    assert [m.step for m in mlf.get_metric_history(r.info.run_id, "loss")] == [1]
+    # rank 0's own loss was finite: the error says whose was not
+    assert "non-finite loss at iteration 2 on rank(s) 1" in r.data.tags["error"]
+
+
+@pytest.mark.slow
+def test_rank0_pruning_stops_every_rank(tmp_path: Path) -> None:
+    """The pruner runs on rank 0 (the only one that evaluates); its decision is broadcast, so
+    rank 1 stops at the same step instead of waiting in DDP's next all-reduce."""
+    log = tmp_path / "pruner.jsonl"
+    overrides = _fault_overrides(
+        tmp_path,
+        2,
+        "+loss.fault_call=0",  # no fault
+        "train.eval_every=1",
+        "+pruning._target_=ddp_faults.PruneAt",
+        "+pruning.step=2",
+        f"+pruning.log={log}",
+    )
+    rc, ap, out = run_with_deadline(overrides, DEADLINE)
+    assert rc == 0, out
+    assert math.isnan(ap)
+    events = read_log(log)
+    assert events == [
+        {"event": "init", "step": 0, "rank": 0},  # rank 1 does not open the study
+        {"event": "report", "step": 1, "rank": 0},
+        {"event": "report", "step": 2, "rank": 0},
+        {"event": "pruned", "step": 2, "rank": 0},  # the study is told once, by rank 0
+    ]
+    mlf, runs = _runs(tmp_path)
+    assert len(runs) == 1
+    r = runs[0]
+    assert r.info.status == "KILLED" and r.data.tags["outcome"] == "pruned"
+    assert r.data.tags["pruned_at"] == "2"
+    assert [m.step for m in mlf.get_metric_history(r.info.run_id, "loss")] == [1, 2]
+
+
+@pytest.mark.slow
+def test_a_crash_on_one_rank_fails_the_launch_and_the_run(tmp_path: Path) -> None:
+    """An exception on rank 1 only (a stand-in for a data error) while rank 0 waits in a
+    collective: the launch raises one ChildFailedError naming it, nothing hangs, and rank 0's
+    MLflow run is closed FAILED with rank 1's error (not gloo's "Connection closed by peer")."""
+    overrides = _fault_overrides(
+        tmp_path, 2, "+loss.fault=raise", "+loss.fault_rank=1", "+loss.fault_call=2"
+    )
+    rc, _, out = run_with_deadline(overrides, DEADLINE)
+    assert rc != 0
+    assert "ChildFailedError" in out and "injected data error on rank 1" in out
+    _, runs = _runs(tmp_path)
+    assert len(runs) == 1
+    r = runs[0]
+    assert r.info.status == "FAILED" and r.data.tags["outcome"] == "failed"
+    assert r.data.tags["error"] == (
+        "rank 1 of 2 failed: RuntimeError: injected data error on rank 1"
+    )
+
+
+def test_collective_timeout_is_generous_and_reaches_the_process_group(monkeypatch) -> None:
+    """Rank 0 evaluates while the others wait in a collective: the process group gets
+    RETINA_SWEEP_DIST_TIMEOUT_MIN (default 180 min), not gloo's 30 or NCCL's 10 minutes."""
+    monkeypatch.delenv(distributed.TIMEOUT_ENV, raising=False)
+    assert distributed.collective_timeout() == datetime.timedelta(minutes=180)
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, "7.5")
+    assert distributed.collective_timeout() == datetime.timedelta(minutes=7.5)
+    for bad in ("0", "-1", "soon", "nan"):
+        monkeypatch.setenv(distributed.TIMEOUT_ENV, bad)
+        with pytest.raises(ValueError, match=distributed.TIMEOUT_ENV):
+            distributed.collective_timeout()
+
+    seen = {}
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda **kw: seen.update(kw))
+    monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda: None)
+    monkeypatch.setattr("retina_sweep.train.run_worker", lambda cfg, **kw: 1.0)
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(key, value)
+    cfg_yaml = "device: cpu\ntrain: {threads: 1}\n"
+    assert distributed._worker(cfg_yaml, 600.0) == 1.0
+    assert seen == {"backend": "gloo", "timeout": datetime.timedelta(minutes=10)}

@@ -133,7 +133,8 @@ def test_nonfinite_loss_marks_the_run_diverged(tmp_path: Path, monkeypatch) -> N
     r = runs[0]
     assert r.info.status == "FINISHED"
     assert r.data.tags["outcome"] == "diverged"
-    assert r.data.tags["diverged_at"] == "2"
+    # 1-based, as the metric steps: the third iteration's loss was NaN (0-based before)
+    assert r.data.tags["diverged_at"] == "3"
     assert "non-finite loss" in r.data.tags["error"]
     # what was logged before the divergence is kept
     assert [m.step for m in mlf.get_metric_history(r.info.run_id, "loss")] == [1, 2]
