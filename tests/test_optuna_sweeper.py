@@ -269,6 +269,48 @@ def test_pruner_prunes_a_trial_built_to_be_bad(tmp_path: Path) -> None:
     assert study(tmp_path).trials[2].user_attrs["pruned_at"] == 1
 
 
+@pytest.mark.parametrize("how", ["interrupt_trials", "kill_trials"])
+def test_a_trial_killed_mid_way_is_retried_when_the_study_resumes(tmp_path: Path, how: str) -> None:
+    """Ctrl-C (or SIGTERM) of the sweep, or SIGKILL of its process, in trial 1: the trial stayed
+    RUNNING in the study for ever, held a slot of n_trials (and a full trial of a compute budget)
+    and was never run again. Resuming now fails it (user attribute `interrupted`) and runs its
+    parameters again as a new trial (`retry_of`), which resumes training from its checkpoint."""
+    args = ("hydra.sweeper.n_trials=3", "hydra.sweeper.sampler=random")
+    first = standin(tmp_path, *args, "hydra.sweeper.compute_budget=3", f"{how}=[1]")
+    out, _ = first.communicate(timeout=300)
+    assert first.returncode != 0, out
+    again = standin(tmp_path, *args, "hydra.sweeper.compute_budget=3")
+    out, _ = again.communicate(timeout=300)
+    assert again.returncode == 0, out
+    s = study(tmp_path)
+    C, F = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL
+    assert [t.state for t in s.trials] == [C, F, C, C]
+    assert "interrupted" in s.trials[1].user_attrs
+    assert s.trials[2].user_attrs["retry_of"] == 1
+    assert s.trials[2].params == s.trials[1].params
+    ran = [int(x) for x in (tmp_path / "trials.log").read_text().split()]
+    assert ran == [0, 1, 2, 3]
+    assert iterations_spent(s, 5) == 15  # the interrupted trial costs nothing: its retry resumes
+
+
+def test_an_abandoned_trial_is_retried_once_by_processes_racing_to_resume() -> None:
+    from hydra_plugins.retina_sweep_optuna.optuna_sweeper import give_back
+
+    storage = optuna.storages.InMemoryStorage()
+    first = optuna.create_study(study_name="s", storage=storage)
+    second = optuna.load_study(study_name="s", storage=storage)
+    trial = first.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    pruned = first.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    pruned.set_user_attr("pruned_at", 2)  # its job pruned it; the sweep died before its tell
+    assert give_back(first, trial.number, "test") and not give_back(second, trial.number, "test")
+    assert not give_back(second, pruned.number, "test")
+    states = [t.state for t in first.trials]
+    S = optuna.trial.TrialState
+    assert states == [S.FAIL, S.PRUNED, S.WAITING]  # one retry, and the pruned trial PRUNED
+    retry = first.trials[2]
+    assert retry.system_attrs["fixed_params"] == trial.params and retry.user_attrs["retry_of"] == 0
+
+
 class PruneAtFirstReport:
     """A pruning callback that always says stop (for the trainer side of pruning)."""
 
@@ -338,7 +380,7 @@ def test_a_trial_asked_past_the_budget_in_a_race_is_never_run(tmp_path: Path) ->
         optuna.trial.TrialState.COMPLETE,  # the other process's trial
         optuna.trial.TrialState.FAIL,  # ours: numbered 1 with a budget of 1
     ]
-    assert s.trials[1].user_attrs == {"over_budget": True}
+    assert s.trials[1].user_attrs["over_budget"] is True
     assert not (tmp_path / "trials.log").exists()  # nothing ran in this process
 
 

@@ -24,12 +24,19 @@ count: in full trials' worth of `train.iterations`. A pruned trial costs the ite
 (its `pruned_at` step), a finished or failed one the full count, and a running one holds the full
 count until it ends. A trial starts only if it fits beside everything spent or held, so the
 study never trains more than the budget, and what pruning saves buys more trials.
+
+A trial that did not end (the sweep interrupted, or its process killed) is told FAIL as
+`interrupted` and its parameters are enqueued again, by the sweep itself or, after a SIGKILL, by
+the next sweep on the study that sees the trial's process gone (same host only); the retry
+resumes from the checkpoint of the same configuration.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +59,15 @@ PRUNERS = ("none", "median", "hyperband", "successive_halving")
 
 
 OVER_BUDGET_ATTR = "over_budget"
+# A trial's sweeper process (`host:pid:start time`), so that a resumed sweep can tell a trial left
+# RUNNING by a process that is gone from one still running in another process.
+OWNER_ATTR = "sweeper_process"
+# A trial that did not end (the sweep was interrupted or its process killed): told FAIL, and its
+# parameters enqueued again as a new trial with `retry_of` (its number).
+INTERRUPTED_ATTR = "interrupted"
+RETRY_ATTR = "retry_of"
+# Trials that take no place in the study's n_trials nor in its compute budget.
+NOT_COUNTED = (OVER_BUDGET_ATTR, INTERRUPTED_ATTR)
 
 
 @dataclass
@@ -138,30 +154,43 @@ def ask_trial(study, space: dict[str, Any], *, sampler: str, seed: int, sampler_
 
 def finished_trials(study) -> int:
     """Trials of the study that ran to an end (complete, pruned or failed), in every process."""
-    return sum(
-        t.state.is_finished() and OVER_BUDGET_ATTR not in t.user_attrs
-        for t in study.get_trials(deepcopy=False)
-    )
+    return sum(t.state.is_finished() and counted(t) for t in study.get_trials(deepcopy=False))
+
+
+def counted(t) -> bool:
+    """Whether trial ``t`` takes a place in the study (not over budget, not interrupted)."""
+    return not any(attr in t.user_attrs for attr in NOT_COUNTED)
 
 
 def iterations_spent(
-    study, full: int, *, below: int | None = None, finished_only: bool = False
+    study,
+    full: int,
+    *,
+    below: int | None = None,
+    finished_only: bool = False,
+    waiting: bool = True,
 ) -> int:
     """Training iterations the study's trials used or hold (of trials numbered < ``below``;
-    with ``finished_only``, of the trials that ended).
+    with ``finished_only``, of the trials that ended; without ``waiting``, not counting the
+    enqueued trials that no process has taken yet).
 
     A pruned trial costs its ``pruned_at`` step (also while it is still RUNNING, between the job
     stopping and the sweeper's tell); a complete or failed trial costs ``full``; a running or
     waiting one holds ``full``, since it may train to the end. Trials marked ``over_budget``
-    never ran and cost nothing.
+    never ran and cost nothing; an ``interrupted`` one costs nothing either, since its retry
+    resumes from its checkpoint and is counted in full.
     """
+    import optuna
+
     from retina_sweep.optuna_pruning import PRUNED_ATTR
 
     total = 0
     for t in study.get_trials(deepcopy=False):
-        if OVER_BUDGET_ATTR in t.user_attrs or (below is not None and t.number >= below):
+        if not counted(t) or (below is not None and t.number >= below):
             continue
         if finished_only and not t.state.is_finished():
+            continue
+        if not waiting and t.state == optuna.trial.TrialState.WAITING:
             continue
         total += int(t.user_attrs.get(PRUNED_ATTR, full))
     return total
@@ -179,6 +208,82 @@ def tell(study, trial, value: float | None = None, state=None) -> None:
     except RuntimeError as exc:
         if "Study.stop" not in str(exc):
             raise
+
+
+def _start_time(pid: int) -> str | None:
+    """The start time of process ``pid`` (clock ticks since boot, Linux), None if unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def process_id() -> str:
+    """This process as ``host:pid:start time``: a pid alone may be reused after a reboot."""
+    return f"{socket.gethostname()}:{os.getpid()}:{_start_time(os.getpid()) or ''}"
+
+
+def process_gone(owner: str) -> bool:
+    """Whether the process ``owner`` (a ``process_id()``) has ended. Only a process on this host
+    can be checked; one elsewhere is taken as alive."""
+    host, _, rest = owner.partition(":")
+    pid_text, _, started = rest.partition(":")
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # alive, another user's
+    now = _start_time(pid)
+    return bool(started and now and now != started)  # the pid is another process's now
+
+
+def give_back(study, trial_number: int, reason: str) -> bool:
+    """Fail RUNNING trial ``trial_number`` as interrupted and enqueue its parameters again.
+
+    Returns False (and enqueues nothing) when the trial had already ended, e.g. when another
+    process resuming the same study failed it first: its retry is then that process's. A trial
+    that its job had pruned (``pruned_at`` set) before the sweep could tell it is told PRUNED.
+    """
+    import optuna
+
+    from retina_sweep.optuna_pruning import PRUNED_ATTR
+
+    storage = study._storage
+    trial_id = storage.get_trial_id_from_study_id_trial_number(study._study_id, trial_number)
+    try:
+        if PRUNED_ATTR in storage.get_trial(trial_id).user_attrs:
+            storage.set_trial_state_values(trial_id, state=optuna.trial.TrialState.PRUNED)
+            return False
+        storage.set_trial_user_attr(trial_id, INTERRUPTED_ATTR, reason)
+        if not storage.set_trial_state_values(trial_id, state=optuna.trial.TrialState.FAIL):
+            return False
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
+    frozen = storage.get_trial(trial_id)
+    study.enqueue_trial(dict(frozen.params), user_attrs={RETRY_ATTR: trial_number})
+    return True
+
+
+def retry_abandoned_trials(study) -> list[int]:
+    """Fail and enqueue again the RUNNING trials whose sweeper process is gone (killed with
+    SIGKILL, by the OOM killer, or with its machine): Optuna keeps them RUNNING for ever, where
+    they held a place of n_trials and a full trial of the compute budget. The numbers retried."""
+    import optuna
+
+    retried = []
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        owner = t.user_attrs.get(OWNER_ATTR)
+        if isinstance(owner, str) and process_gone(owner):
+            if give_back(study, t.number, f"its sweeper process {owner} ended"):
+                retried.append(t.number)
+    return retried
 
 
 def build_pruner(name: str, args: dict[str, Any]):
@@ -376,10 +481,20 @@ class RetinaOptunaSweeper(Sweeper):
         returns = []
         job_idx = 0
         status = "FINISHED"
+        owner = process_id()
+        trials: list[Any] = []  # asked and not yet told
         try:
             while True:
+                for number in retry_abandoned_trials(study):
+                    print(
+                        f"[optuna:{study_name}] trial {number} was left RUNNING by a process "
+                        "that ended: told FAIL (interrupted), its parameters enqueued again"
+                    )
+                # Enqueued trials (retries) are not counted: this process takes them next.
+                TrialState = optuna.trial.TrialState
                 taken = sum(
-                    OVER_BUDGET_ATTR not in t.user_attrs for t in study.get_trials(deepcopy=False)
+                    counted(t) and t.state != TrialState.WAITING
+                    for t in study.get_trials(deepcopy=False)
                 )
                 batch = min(int(self.opts.n_jobs), n_trials - taken)
                 if batch <= 0:
@@ -387,7 +502,7 @@ class RetinaOptunaSweeper(Sweeper):
                 trials = []
                 for _ in range(batch):
                     if max_iterations is not None:
-                        held = iterations_spent(study, full)
+                        held = iterations_spent(study, full, waiting=False)
                         if held + full > max_iterations:
                             print(
                                 f"[optuna:{study_name}] compute budget: {held} of "
@@ -402,11 +517,12 @@ class RetinaOptunaSweeper(Sweeper):
                         seed=int(self.opts.seed),
                         sampler_args=self.opts.sampler_args,
                     )
+                    trial.set_user_attr(OWNER_ATTR, owner)
                     if not self._fits(study, trial.number, n_trials, full, max_iterations):
                         # Another process took the last slot (or the last of the compute
                         # budget) between our count and this ask: the lower number keeps it.
                         trial.set_user_attr(OVER_BUDGET_ATTR, True)
-                        tell(study, trial, state=optuna.trial.TrialState.FAIL)
+                        tell(study, trial, state=TrialState.FAIL)
                         continue
                     trials.append(trial)
                 if not trials:
@@ -429,8 +545,9 @@ class RetinaOptunaSweeper(Sweeper):
                     overrides.append(fixed + params + extra)
                 results = self.launcher.launch(overrides, initial_job_idx=job_idx)
                 job_idx += len(overrides)
-                for trial, result in zip(trials, results, strict=True):
+                for trial, result in zip(list(trials), results, strict=True):
                     state_name = self._tell(study, trial, result, PRUNED_ATTR)
+                    trials.remove(trial)
                     value = study.trials[trial.number].value
                     # all processes on the study
                     if max_iterations is None:
@@ -439,8 +556,16 @@ class RetinaOptunaSweeper(Sweeper):
                         done = iterations_spent(study, full, finished_only=True)
                     progress.update(f"trial {trial.number}", value, state_name, done=done)
                 returns.append(list(results))
-        except KeyboardInterrupt:
-            status = "KILLED"
+        except BaseException as exc:
+            if isinstance(exc, KeyboardInterrupt):
+                status = "KILLED"
+            # Trials in flight did not end: fail them and enqueue them again, so that the next
+            # process on the study runs them (resuming from their checkpoints) instead of their
+            # staying RUNNING, each holding a place in the study for ever.
+            reason = f"the sweep ended with {type(exc).__name__}"
+            for trial in trials:
+                if give_back(study, trial.number, reason):
+                    print(f"[optuna:{study_name}] trial {trial.number} interrupted: enqueued again")
             raise
         finally:
             if parent is not None:
@@ -459,11 +584,7 @@ class RetinaOptunaSweeper(Sweeper):
     def _fits(study, number: int, n_trials: int, full: int, max_iterations: int | None) -> bool:
         """Whether trial ``number`` is within n_trials and the compute budget, counting only the
         trials numbered before it (so two processes racing for the last place agree)."""
-        before = [
-            t
-            for t in study.get_trials(deepcopy=False)
-            if t.number < number and OVER_BUDGET_ATTR not in t.user_attrs
-        ]
+        before = [t for t in study.get_trials(deepcopy=False) if t.number < number and counted(t)]
         if len(before) >= n_trials:
             return False
         if max_iterations is None:
