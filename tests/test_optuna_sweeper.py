@@ -311,6 +311,44 @@ def test_an_abandoned_trial_is_retried_once_by_processes_racing_to_resume() -> N
     assert retry.system_attrs["fixed_params"] == trial.params and retry.user_attrs["retry_of"] == 0
 
 
+@pytest.mark.parametrize(
+    "storage", ["nosuchdb://host/optuna", "sqlite:////nonexistent/dir/optuna.db", "optuna.db"]
+)
+def test_a_bad_storage_url_stops_the_sweep_naming_the_key(tmp_path: Path, storage: str) -> None:
+    # Before: a SQLAlchemy traceback (or an error message not naming the key), exit status 1.
+    proc = standin(tmp_path, "hydra.sweeper.n_trials=1", f"hydra.sweeper.storage={storage}")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2, out
+    assert f"[standin] stopped before any trial: hydra.sweeper.storage={storage}: " in out, out
+    assert "Traceback" not in out
+    assert not (tmp_path / "trials.log").exists()
+
+
+def test_a_relative_sqlite_storage_is_the_same_database_for_every_job(tmp_path: Path) -> None:
+    from hydra_plugins.retina_sweep_optuna.optuna_sweeper import absolute_storage
+
+    assert absolute_storage("sqlite:///o.db", cwd=tmp_path) == f"sqlite:///{tmp_path}/o.db"
+    assert absolute_storage("sqlite:////abs/o.db", cwd=tmp_path) == "sqlite:////abs/o.db"
+    assert absolute_storage("journal:o.log", cwd=tmp_path) == f"journal:{tmp_path}/o.log"
+    url = "postgresql+psycopg2://u@h/db"
+    assert absolute_storage(url, cwd=tmp_path) == url
+
+
+def test_resuming_a_study_in_the_other_direction_is_an_error(tmp_path: Path) -> None:
+    # Optuna's create_study(load_if_exists=True) keeps the stored direction and says nothing:
+    # `hydra.sweeper.direction=minimize` on a maximized study went on maximizing.
+    first = standin(tmp_path, "hydra.sweeper.n_trials=1")
+    assert first.communicate(timeout=300)[0] and first.returncode == 0
+    again = standin(tmp_path, "hydra.sweeper.n_trials=2", "hydra.sweeper.direction=minimize")
+    out, _ = again.communicate(timeout=300)
+    assert again.returncode == 2, out
+    assert (
+        "[standin] stopped before any trial: hydra.sweeper.direction=minimize: the study "
+        "'standin' in the storage maximizes"
+    ) in out, out
+    assert len(study(tmp_path).trials) == 1
+
+
 class PruneAtFirstReport:
     """A pruning callback that always says stop (for the trainer side of pruning)."""
 
@@ -410,6 +448,36 @@ def test_a_bad_fixed_value_stops_an_optuna_sweep_before_the_study(tmp_path: Path
         proc.stderr
     )
     assert not (tmp_path / "sweeps" / "bad_study" / "optuna_journal.log").exists()
+
+
+@pytest.mark.parametrize(
+    ("space", "message"),
+    [
+        # An unknown key: Hydra refused it in the first trial's launch, which crashed the sweep
+        # with that trial left RUNNING.
+        ("loss.gamm=interval(0.0,3.0)", "hydra.sweeper.params: loss.gamm: not a key of the config"),
+        ("loss=choice(focal,nope)", "hydra.sweeper.params: loss: In 'config': Could not find"),
+        # A value the search would draw that retina_sweep rejects: every such trial failed.
+        ("loss.gamma=interval(-1.0,3.0)", "search space loss.gamma=interval(-1.0,3.0): invalid"),
+        (
+            "model.anchors.scales_per_octave=choice(0,1)",
+            "search space model.anchors.scales_per_octave=choice(0,1): invalid config value "
+            "model.anchors.scales_per_octave=0",
+        ),
+        # A distribution Optuna rejects: a traceback that did not name the key.
+        ("loss.gamma=tag(log,interval(0.0,3.0))", "hydra.sweeper.params: loss.gamma: "),
+        ("loss.gamma=interval(3.0,1.0)", "hydra.sweeper.params: loss.gamma: "),
+    ],
+)
+def test_a_bad_search_space_stops_an_optuna_sweep_naming_the_key(
+    tmp_path: Path, space: str, message: str
+) -> None:
+    cmd = _optuna_smoke(tmp_path, "tracking=none", "sweep.name=bad_space", space)
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"[bad_space] stopped before any trial: {message}" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "sweeps" / "bad_space" / "optuna_journal.log").exists()
 
 
 @pytest.mark.slow

@@ -33,6 +33,7 @@ resumes from the checkpoint of the same configuration.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -107,12 +108,42 @@ def build_sampler(name: str, seed: int, space: dict[str, Any], args: dict[str, A
         grid = {}
         for key, dist in space.items():
             if not isinstance(dist, optuna.distributions.CategoricalDistribution):
-                raise ValueError(
+                from retina_sweep.config import ConfigError
+
+                raise ConfigError(
                     f"hydra.sweeper.sampler=grid needs choice()/range() values, {key} is {dist}"
                 )
             grid[key] = list(dist.choices)
         return optuna.samplers.GridSampler(grid, seed=seed, **args)
     raise ValueError(f"hydra.sweeper.sampler must be one of {', '.join(SAMPLERS)}, got {name!r}")
+
+
+def absolute_storage(spec: str, cwd: str | os.PathLike | None = None) -> str:
+    """``spec`` with a relative SQLite or journal path made absolute (from ``cwd``)."""
+    base = Path(cwd) if cwd is not None else Path.cwd()
+    for prefix in ("sqlite:///", "journal:"):
+        if spec.startswith(prefix):
+            path = spec[len(prefix) :]
+            if path and not Path(path).is_absolute():
+                return prefix + str((base / path).resolve())
+    return spec
+
+
+def open_storage(spec: str):
+    """The study's storage (``make_storage``), or a ``ConfigError`` naming
+    ``hydra.sweeper.storage`` when it cannot be opened (a malformed URL, a database driver that
+    is not installed, a server that does not answer, a directory that does not exist)."""
+    from retina_sweep.config import ConfigError
+    from retina_sweep.optuna_pruning import make_storage
+
+    try:
+        return make_storage(spec)
+    except Exception as exc:  # SQLAlchemy's, the driver's, or the file system's
+        message = " ".join(str(exc).split("(Background on this error")[0].split())
+        raise ConfigError(
+            f"hydra.sweeper.storage={spec}: cannot open the study's storage: "
+            f"{type(exc).__name__}: {message}"
+        ) from None
 
 
 def trial_seed(seed: int, number: int) -> int:
@@ -325,20 +356,64 @@ def pruner_arguments(name: str, args: Any) -> dict[str, Any]:
 
 
 def to_distribution(override) -> Any:
-    """A Hydra sweep override -> an Optuna distribution."""
+    """A Hydra sweep override -> an Optuna distribution (``ConfigError`` naming the key when
+    Optuna rejects it: an empty choice, an interval with its ends swapped, a log scale from 0)."""
     import optuna.distributions as d
 
+    from retina_sweep.config import ConfigError
+
     value = override.value()
-    if isinstance(value, ChoiceSweep):
-        return d.CategoricalDistribution([v for v in override.sweep_iterator()])
-    if isinstance(value, RangeSweep):
-        return d.CategoricalDistribution(list(override.sweep_iterator()))
-    if isinstance(value, IntervalSweep):
-        log_scale = "log" in value.tags
-        if isinstance(value.start, int) and isinstance(value.end, int):
-            return d.IntDistribution(int(value.start), int(value.end), log=log_scale)
-        return d.FloatDistribution(float(value.start), float(value.end), log=log_scale)
-    raise ValueError(f"{override.input_line}: not a sweep (choice, range or interval)")
+    key = override.get_key_element()
+    try:
+        if isinstance(value, ChoiceSweep | RangeSweep):
+            return d.CategoricalDistribution(list(override.sweep_iterator()))
+        if isinstance(value, IntervalSweep):
+            log_scale = "log" in value.tags
+            if isinstance(value.start, int) and isinstance(value.end, int):
+                return d.IntDistribution(int(value.start), int(value.end), log=log_scale)
+            return d.FloatDistribution(float(value.start), float(value.end), log=log_scale)
+    except ValueError as exc:
+        raise ConfigError(f"hydra.sweeper.params: {key}: {exc}") from None
+    raise ConfigError(
+        f"hydra.sweeper.params: {key}: {override.input_line} is not a sweep (choice, range or "
+        "interval)"
+    )
+
+
+def probe_values(dist) -> list[Any]:
+    """Values of ``dist`` to check before a study starts: every choice of a categorical, both
+    ends of an int interval, and a float interval's ends moved inward by one ulp (a sampler never
+    draws an end exactly, so an open bound such as alpha < 1 may be an end)."""
+    import optuna.distributions as d
+
+    if isinstance(dist, d.CategoricalDistribution):
+        return list(dist.choices)
+    if isinstance(dist, d.IntDistribution):
+        return sorted({dist.low, dist.high})
+    if dist.low == dist.high:
+        return [dist.low]
+    return [math.nextafter(dist.low, dist.high), math.nextafter(dist.high, dist.low)]
+
+
+@contextlib.contextmanager
+def stop_before_trials(prefix: str, retina: bool):
+    """Bad input found before the study (a ``ConfigError``, for retina_sweep's config also a
+    ``DatasetError``): one line on stderr, ``{prefix}: {message}``, and exit status 2."""
+    from retina_sweep.config import ConfigError
+
+    if retina:
+        from retina_sweep.config import exit_on_bad_input
+
+        with exit_on_bad_input(prefix):
+            yield
+        return
+    try:
+        yield
+    except ConfigError as exc:
+        import sys
+
+        print(f"{prefix}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 class RetinaOptunaSweeper(Sweeper):
@@ -393,28 +468,34 @@ class RetinaOptunaSweeper(Sweeper):
             hydra_context=hydra_context, task_function=task_function, config=config
         )
 
-    def _space(self, arguments: list[str]) -> tuple[list[str], dict[str, Any]]:
+    def _space(self, arguments: list[str]) -> tuple[list[str], dict[str, Any], dict[str, str]]:
+        """(fixed overrides, the search space, each searched key's override as written)."""
+        from retina_sweep.config import ConfigError
+
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         lines = [f"{k}={v}" for k, v in (self.opts.params or {}).items()]
         space: dict[str, Any] = {}
+        written: dict[str, str] = {}
         fixed: list[str] = []
         for override in parser.parse_overrides(lines + list(arguments)):
             if override.is_sweep_override():
                 space[override.get_key_element()] = to_distribution(override)
+                written[override.get_key_element()] = override.input_line
             else:
                 fixed.append(override.input_line)
         if not space:
-            raise ValueError(
+            raise ConfigError(
                 "the Optuna sweeper needs a search space: hydra.sweeper.params or a sweep on "
                 "the command line, e.g. 'loss.gamma=interval(0,5)'"
             )
-        return fixed, space
+        return fixed, space, written
 
     def _storage_spec(self) -> tuple[str, str]:
         cfg = self.config
         name = self.opts.study_name or OmegaConf.select(cfg, "sweep.name") or "retina_sweep"
         if self.opts.storage:
-            return str(self.opts.storage), str(name)
+            # Absolute, so that every job (another cwd, another node) opens the same study.
+            return absolute_storage(str(self.opts.storage)), str(name)
         root = Path(OmegaConf.select(cfg, "paths.root", default="sweeps"))
         return f"journal:{(root / str(name) / 'optuna_journal.log').resolve()}", str(name)
 
@@ -426,44 +507,93 @@ class RetinaOptunaSweeper(Sweeper):
         with terminate_as_interrupt(grace_s=self.opts.grace_s):
             return self._sweep(arguments)
 
-    def _check_and_prepare(self, fixed: list[str]) -> None:
-        """The study's base config (without the searched keys) validated, and what its trials
-        share (synthetic data, pretrained backbone) made or checked (a COCO root), before the
-        study is opened: as the grid sweeper does, a bad value or a missing file stops here with
-        one line and exit status 2, not in every trial."""
-        if OmegaConf.select(self.config, "data.kind") is None:
-            return  # not retina_sweep's config (the tests' stand-in app): nothing to check
-        from retina_sweep.config import exit_on_bad_input, validate
-        from retina_sweep.train import prepare
+    def _retina(self) -> bool:
+        """Whether the task is retina_sweep's (not the tests' stand-in app)."""
+        return OmegaConf.select(self.config, "data.kind") is not None
 
-        name = OmegaConf.select(self.config, "sweep.name") or "optuna"
-        with exit_on_bad_input(f"[{name}] stopped before any trial"):
-            base = self.hydra_context.config_loader.load_sweep_config(
-                master_config=self.config, sweep_overrides=list(fixed)
+    def _compose(self, overrides: list[str], key: str | None = None) -> DictConfig:
+        from hydra.errors import ConfigCompositionException
+
+        from retina_sweep.config import ConfigError
+
+        try:
+            return self.hydra_context.config_loader.load_sweep_config(
+                master_config=self.config, sweep_overrides=list(overrides)
             )
-            validate(base)
-            prepare(base)
+        except ConfigCompositionException as exc:
+            text = str(exc)
+            if key and text.startswith(f"Could not override '{key}'"):
+                message = f"not a key of the config (a new key is searched as +{key})"
+            else:  # e.g. a config group's missing option, with the options there are
+                message = " ".join(text.split("Config search path")[0].split())
+            where = f"hydra.sweeper.params: {key}: " if key else ""
+            raise ConfigError(f"{where}{message}") from None
+
+    def _check_space(self, fixed: list[str], space: dict[str, Any], written: dict[str, str]):
+        """Every searched key composed with the values the search can draw (its choices, its
+        interval's ends) and, for retina_sweep, validated: an unknown key or an out-of-range
+        value stops the sweep before the study opens, naming the key, instead of failing every
+        trial (or, for an unknown key, crashing the sweep at its first launch)."""
+        from retina_sweep.config import ConfigError, validate
+        from retina_sweep.sweep import format_value
+
+        for key, dist in space.items():
+            for value in probe_values(dist):
+                cfg = self._compose([*fixed, f"{key}={format_value(value)}"], key)
+                if self._retina():
+                    try:
+                        validate(cfg)
+                    except ConfigError as exc:
+                        raise ConfigError(f"search space {written[key]}: {exc}") from None
+
+    def _check_base(self, fixed: list[str]) -> None:
+        """The study's base config (without the searched keys) validated before the study is
+        opened: as the grid sweeper does, a bad value stops here with one line and exit status
+        2, not in every trial. (What the trials share, synthetic data and pretrained backbone,
+        is made, or a COCO root checked, once the storage has opened.)"""
+        if not self._retina():
+            return  # not retina_sweep's config (the tests' stand-in app): nothing to check
+        from retina_sweep.config import validate
+
+        validate(self._compose(fixed))
 
     def _sweep(self, arguments: list[str]) -> Any:
         import optuna
 
-        from retina_sweep.optuna_pruning import PRUNED_ATTR, make_storage
+        from retina_sweep.config import ConfigError
+        from retina_sweep.optuna_pruning import PRUNED_ATTR
         from retina_sweep.sweep import Progress, format_value
 
-        fixed, space = self._space(arguments)
-        self._check_and_prepare(fixed)
-        full, max_iterations = self._iteration_budget()
-        spec, study_name = self._storage_spec()
-        study = optuna.create_study(
-            study_name=study_name,
-            storage=make_storage(spec),
-            sampler=build_sampler(
+        name = OmegaConf.select(self.config, "sweep.name") or "optuna"
+        with stop_before_trials(f"[{name}] stopped before any trial", self._retina()):
+            fixed, space, written = self._space(arguments)
+            self._check_base(fixed)
+            self._check_space(fixed, space, written)
+            full, max_iterations = self._iteration_budget()
+            sampler = build_sampler(
                 self.opts.sampler, int(self.opts.seed), space, self.opts.sampler_args
-            ),
-            pruner=build_pruner(self.opts.pruner, self.pruner_args),
-            direction=self.opts.direction,
-            load_if_exists=True,
-        )
+            )
+            spec, study_name = self._storage_spec()
+            storage = open_storage(spec)
+            if self._retina():
+                from retina_sweep.train import prepare
+
+                prepare(self._compose(fixed))
+            study = optuna.create_study(
+                study_name=study_name,
+                storage=storage,
+                sampler=sampler,
+                pruner=build_pruner(self.opts.pruner, self.pruner_args),
+                direction=self.opts.direction,
+                load_if_exists=True,
+            )
+            if study.direction.name.lower() != self.opts.direction:
+                # create_study(load_if_exists=True) keeps the stored direction, silently.
+                raise ConfigError(
+                    f"hydra.sweeper.direction={self.opts.direction}: the study {study_name!r} in "
+                    f"the storage {study.direction.name.lower()}s (a study's direction is fixed "
+                    "when it is created: give another hydra.sweeper.study_name)"
+                )
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
@@ -598,7 +728,9 @@ class RetinaOptunaSweeper(Sweeper):
         if budget is None:
             return int(full or 0), None
         if not isinstance(full, int) or full < 1:
-            raise ValueError(
+            from retina_sweep.config import ConfigError
+
+            raise ConfigError(
                 "hydra.sweeper.compute_budget counts full trials of train.iterations, but the "
                 f"config's train.iterations is {full!r}"
             )
