@@ -219,6 +219,19 @@ def test_a_grid_study_runs_to_the_end_of_its_grid(tmp_path: Path) -> None:
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in s.trials)
 
 
+def test_a_grid_study_stops_when_its_grid_is_exhausted(tmp_path: Path) -> None:
+    # Optuna's GridSampler goes on past the last point, re-drawing grid points at random: with
+    # the default n_trials=20 a grid of 2 trained 18 duplicates (each holding a full trial of a
+    # compute budget).
+    proc = standin(
+        tmp_path, "hydra.sweeper.sampler=grid", "x=choice(-1.0,1.0)", "hydra.sweeper.n_trials=5"
+    )
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert sorted(t.params["x"] for t in study(tmp_path).trials) == [-1.0, 1.0]
+    assert "grid exhausted" in out
+
+
 @pytest.mark.parametrize("sampler", ["random", "tpe", "grid"])
 def test_processes_sharing_a_study_draw_what_one_process_would(sampler: str) -> None:
     """Two study objects on one storage (two processes), same seed: no point drawn twice, and

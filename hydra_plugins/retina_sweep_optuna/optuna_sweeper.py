@@ -183,6 +183,23 @@ def ask_trial(study, space: dict[str, Any], *, sampler: str, seed: int, sampler_
     return trial
 
 
+def grid_exhausted(study, grid_sampler) -> bool:
+    """Whether every point of ``grid_sampler``'s grid has been taken by a trial (running or
+    ended) and no enqueued trial waits: Optuna's GridSampler would then draw a point again (a
+    duplicate trial, where a running one's point is drawn before it has ended)."""
+    import optuna
+
+    taken = set()
+    for t in study._storage.get_all_trials(study._study_id, deepcopy=False):
+        if t.state == optuna.trial.TrialState.WAITING:
+            return False
+        if "grid_id" in t.system_attrs and grid_sampler._same_search_space(
+            t.system_attrs["search_space"]
+        ):
+            taken.add(t.system_attrs["grid_id"])
+    return len(taken) >= grid_sampler._n_min_trials
+
+
 def finished_trials(study) -> int:
     """Trials of the study that ran to an end (complete, pruned or failed), in every process."""
     return sum(t.state.is_finished() and counted(t) for t in study.get_trials(deepcopy=False))
@@ -232,7 +249,8 @@ def tell(study, trial, value: float | None = None, state=None) -> None:
 
     Optuna's GridSampler calls ``study.stop()`` after the last grid point is told, which raises
     outside ``study.optimize``; the trial's state and value are stored before that (Optuna
-    writes them in a ``finally``), and this sweeper stops on ``n_trials`` anyway.
+    writes them in a ``finally``), and this sweeper stops at the end of the grid itself
+    (``grid_exhausted``).
     """
     try:
         study.tell(trial, value, state=state)
@@ -631,6 +649,9 @@ class RetinaOptunaSweeper(Sweeper):
                     break
                 trials = []
                 for _ in range(batch):
+                    if self.opts.sampler == "grid" and grid_exhausted(study, sampler):
+                        print(f"[optuna:{study_name}] grid exhausted: every point has a trial")
+                        break
                     if max_iterations is not None:
                         held = iterations_spent(study, full, waiting=False)
                         if held + full > max_iterations:
