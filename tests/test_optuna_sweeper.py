@@ -362,6 +362,28 @@ def test_resuming_a_study_in_the_other_direction_is_an_error(tmp_path: Path) -> 
     assert len(study(tmp_path).trials) == 1
 
 
+def test_the_mlflow_run_of_an_abandoned_trial_is_ended_killed(tmp_path: Path) -> None:
+    # A trial process killed with SIGKILL leaves its MLflow child RUNNING, tagged `running`
+    # (not a final outcome, so closing the parent left it RUNNING for ever).
+    from hydra_plugins.retina_sweep_optuna.optuna_sweeper import end_abandoned_runs
+    from retina_sweep.sweep import ParentRun
+    from retina_sweep.tracking import RunTracker, client
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    parent = ParentRun.open(
+        client(uri), "retina_sweep", name="s", table=None, shash="h", definition={}, kind="optuna"
+    )
+    runs = {}
+    for number in (1, 2):
+        tracker = RunTracker(uri=uri, parent_run_id=parent.run_id)
+        runs[number] = tracker.start(tags={"optuna_trial": number}, params={})
+    assert end_abandoned_runs(parent, 1, "gone") == [runs[1]]
+    mlf = MlflowClient(tracking_uri=uri)
+    killed, other = mlf.get_run(runs[1]), mlf.get_run(runs[2])
+    assert killed.info.status == "KILLED" and killed.data.tags["outcome"] == "killed"
+    assert killed.data.tags["error"] == "gone" and other.info.status == "RUNNING"
+
+
 class PruneAtFirstReport:
     """A pruning callback that always says stop (for the trainer side of pruning)."""
 

@@ -335,6 +335,30 @@ def retry_abandoned_trials(study) -> list[int]:
     return retried
 
 
+def end_abandoned_runs(parent, number: int, reason: str) -> list[str]:
+    """End the MLflow child runs of trial ``number`` still RUNNING under ``parent`` (a
+    ``retina_sweep.sweep.ParentRun``) as KILLED, outcome ``killed``: a trial process killed with
+    SIGKILL cannot close its own run, which said RUNNING for ever. The run ids ended."""
+    from mlflow.entities import RunTag
+
+    from retina_sweep.tracking import retry
+
+    runs = retry(
+        lambda: parent.mlf.search_runs(
+            [parent.experiment_id],
+            filter_string=(
+                f"tags.mlflow.parentRunId = '{parent.run_id}' AND "
+                f"tags.optuna_trial = '{int(number)}' AND attributes.status = 'RUNNING'"
+            ),
+        )
+    )
+    tags = [RunTag("outcome", "killed"), RunTag("error", reason)]
+    for r in runs:
+        retry(lambda r=r: parent.mlf.log_batch(r.info.run_id, tags=tags))
+        retry(lambda r=r: parent.mlf.set_terminated(r.info.run_id, status="KILLED"))
+    return [r.info.run_id for r in runs]
+
+
 def build_pruner(name: str, args: dict[str, Any]):
     import optuna
 
@@ -638,6 +662,8 @@ class RetinaOptunaSweeper(Sweeper):
                         f"[optuna:{study_name}] trial {number} was left RUNNING by a process "
                         "that ended: told FAIL (interrupted), its parameters enqueued again"
                     )
+                    if parent is not None:
+                        end_abandoned_runs(parent, number, "its sweeper process ended (killed)")
                 # Enqueued trials (retries) are not counted: this process takes them next.
                 TrialState = optuna.trial.TrialState
                 taken = sum(
