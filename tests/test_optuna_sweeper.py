@@ -95,6 +95,17 @@ def test_pruner_args_keyed_by_pruner_name_follow_the_chosen_pruner() -> None:
         RetinaOptunaSweeper(pruner="median", pruner_args={"hyperband": {}, "n_startup_trials": 2})
 
 
+@pytest.mark.parametrize(("scale", "full"), [("proxy", 400), ("proxy_long", 800)])
+def test_the_hpo_presets_hyperband_ends_at_the_full_trial(scale: str, full: int) -> None:
+    # A fixed max_resource of 400 stopped Hyperband's rungs halfway through an 800-iteration
+    # trial (scale=proxy_long); the proxy's value is unchanged.
+    from hydra.core.plugins import Plugins
+
+    cfg = compose_config(["+sweep=hpo", f"scale={scale}"], hydra=True)
+    sweeper = Plugins.instance()._instantiate(cfg.hydra.sweeper)  # as Hydra makes it
+    assert sweeper.pruner_args == {"min_resource": 100, "max_resource": full, "reduction_factor": 2}
+
+
 def test_sampler_args_reach_the_sampler() -> None:
     from hydra_plugins.retina_sweep_optuna.optuna_sweeper import build_sampler
 
