@@ -317,6 +317,26 @@ def test_a_trial_killed_mid_way_is_retried_when_the_study_resumes(tmp_path: Path
     assert iterations_spent(s, 5) == 15  # the interrupted trial costs nothing: its retry resumes
 
 
+def test_a_crashed_or_diverged_trial_is_told_fail_and_the_study_goes_on(tmp_path: Path) -> None:
+    proc = standin(
+        tmp_path,
+        "hydra.sweeper.n_trials=4",
+        "hydra.sweeper.sampler=random",
+        "hydra.sweeper.compute_budget=4",
+        "fail_trials=[1]",
+        "nan_trials=[2]",
+    )
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    s = study(tmp_path)
+    C, F = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL
+    assert [t.state for t in s.trials] == [C, F, F, C]
+    # Why, for the dashboard: the job's exception, or the missing objective.
+    assert s.trials[1].user_attrs["error"] == "RuntimeError: trial 1 crashed"
+    assert s.trials[2].user_attrs["error"] == "no objective: the job returned nan"
+    assert iterations_spent(s, 5) == 20  # a failed trial costs the full count
+
+
 def test_an_abandoned_trial_is_retried_once_by_processes_racing_to_resume() -> None:
     from hydra_plugins.retina_sweep_optuna.optuna_sweeper import give_back
 

@@ -67,6 +67,8 @@ OWNER_ATTR = "sweeper_process"
 # parameters enqueued again as a new trial with `retry_of` (its number).
 INTERRUPTED_ATTR = "interrupted"
 RETRY_ATTR = "retry_of"
+# Why a trial was told FAIL: the job's exception, or its missing objective (a diverged run).
+ERROR_ATTR = "error"
 # Trials that take no place in the study's n_trials nor in its compute budget.
 NOT_COUNTED = (OVER_BUDGET_ATTR, INTERRUPTED_ATTR)
 
@@ -788,6 +790,9 @@ class RetinaOptunaSweeper(Sweeper):
 
         TrialState = optuna.trial.TrialState
         if result.status != JobStatus.COMPLETED:
+            exc = getattr(result, "_return_value", None)  # the job's exception
+            error = f"{type(exc).__name__}: {exc}" if isinstance(exc, BaseException) else "failed"
+            trial.set_user_attr(ERROR_ATTR, error[:1000])
             tell(study, trial, state=TrialState.FAIL)
             return "FAILED"
         frozen = study._storage.get_trial(trial._trial_id)
@@ -796,6 +801,7 @@ class RetinaOptunaSweeper(Sweeper):
             return "PRUNED"
         value = result.return_value
         if value is None or (isinstance(value, float) and math.isnan(value)):
+            trial.set_user_attr(ERROR_ATTR, f"no objective: the job returned {value}")
             tell(study, trial, state=TrialState.FAIL)
             return "FAILED (no objective)"
         tell(study, trial, float(value))
