@@ -317,6 +317,35 @@ def test_a_trial_killed_mid_way_is_retried_when_the_study_resumes(tmp_path: Path
     assert iterations_spent(s, 5) == 15  # the interrupted trial costs nothing: its retry resumes
 
 
+@pytest.mark.parametrize("n_jobs", [1, 2])
+def test_a_point_drawn_again_is_told_its_twins_outcome_without_training(
+    tmp_path: Path, n_jobs: int
+) -> None:
+    # Samplers draw a point of a small categorical space again (TPE often): it was trained again
+    # (costing a full trial of the compute budget) and, drawn twice in one batch or by two
+    # processes, trained twice at once into one checkpoint directory.
+    proc = standin(
+        tmp_path,
+        "x=choice(-1.0,1.0)",
+        "hydra.sweeper.sampler=random",
+        "hydra.sweeper.n_trials=6",
+        f"hydra.sweeper.n_jobs={n_jobs}",
+        "hydra.sweeper.compute_budget=6",
+    )
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    s = study(tmp_path)
+    assert len(s.trials) == 6
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in s.trials)
+    ran = [int(x) for x in (tmp_path / "trials.log").read_text().split()]
+    assert len(ran) == 2 == len({s.trials[n].params["x"] for n in ran})  # each point once
+    for t in s.trials:
+        if t.number not in ran:
+            twin = s.trials[t.user_attrs["duplicate_of"]]
+            assert twin.number in ran and (twin.params, twin.value) == (t.params, t.value)
+    assert iterations_spent(s, 5) == 10  # the repeats cost nothing
+
+
 def test_a_crashed_or_diverged_trial_is_told_fail_and_the_study_goes_on(tmp_path: Path) -> None:
     proc = standin(
         tmp_path,

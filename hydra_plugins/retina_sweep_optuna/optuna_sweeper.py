@@ -67,6 +67,12 @@ OWNER_ATTR = "sweeper_process"
 # parameters enqueued again as a new trial with `retry_of` (its number).
 INTERRUPTED_ATTR = "interrupted"
 RETRY_ATTR = "retry_of"
+# The fixed part of a trial's config (a hash of the sweep's fixed overrides): two trials with the
+# same parameters and this key are the same experiment.
+CONFIG_ATTR = "config_key"
+# A trial whose experiment had already run in the study (`duplicate_of`: that trial's number) is
+# told that trial's outcome without training again, and costs nothing in the compute budget.
+DUPLICATE_ATTR = "duplicate_of"
 # Why a trial was told FAIL: the job's exception, or its missing objective (a diverged run).
 ERROR_ATTR = "error"
 # Trials that take no place in the study's n_trials nor in its compute budget.
@@ -202,6 +208,48 @@ def grid_exhausted(study, grid_sampler) -> bool:
     return len(taken) >= grid_sampler._n_min_trials
 
 
+def config_key(fixed: list[str]) -> str:
+    """The ``config_key`` of trials run with the fixed overrides ``fixed``."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(sorted(fixed)).encode()).hexdigest()[:16]
+
+
+def finished_twin(study, trial, key: str):
+    """The first COMPLETE or PRUNED trial of the study with ``trial``'s parameters and config
+    key (the same experiment, so the same result: training is deterministic), else None.
+
+    Samplers draw a point again (TPE does, often, in a small categorical space); training it
+    again resumed its finished checkpoint, so cost an evaluation and a full trial of the
+    compute budget, and two processes training one point at once shared a checkpoint file."""
+    import optuna
+
+    done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    for t in study.get_trials(deepcopy=False, states=done):
+        if t.number != trial.number and t.user_attrs.get(CONFIG_ATTR) == key:
+            if t.params == trial.params:
+                return t
+    return None
+
+
+def tell_as_twin(study, trial, twin) -> str:
+    """Tell ``trial`` the outcome of ``twin`` (a trial of the same experiment that has ended)."""
+    import optuna
+
+    TrialState = optuna.trial.TrialState
+    trial.set_user_attr(DUPLICATE_ATTR, twin.number)
+    if twin.state == TrialState.COMPLETE:
+        tell(study, trial, twin.value)
+        return f"done (as trial {twin.number})"
+    if twin.state == TrialState.PRUNED:
+        tell(study, trial, state=TrialState.PRUNED)
+        return f"PRUNED (as trial {twin.number})"
+    trial.set_user_attr(ERROR_ATTR, f"the same experiment as trial {twin.number}, which failed")
+    tell(study, trial, state=TrialState.FAIL)
+    return f"FAILED (as trial {twin.number})"
+
+
 def finished_trials(study) -> int:
     """Trials of the study that ran to an end (complete, pruned or failed), in every process."""
     return sum(t.state.is_finished() and counted(t) for t in study.get_trials(deepcopy=False))
@@ -238,6 +286,8 @@ def iterations_spent(
     for t in study.get_trials(deepcopy=False):
         if not counted(t) or (below is not None and t.number >= below):
             continue
+        if DUPLICATE_ATTR in t.user_attrs:
+            continue  # never trains: told its twin's outcome
         if finished_only and not t.state.is_finished():
             continue
         if not waiting and t.state == optuna.trial.TrialState.WAITING:
@@ -656,7 +706,9 @@ class RetinaOptunaSweeper(Sweeper):
         job_idx = 0
         status = "FINISHED"
         owner = process_id()
+        key = config_key(fixed)
         trials: list[Any] = []  # asked and not yet told
+        twins: list[tuple[Any, Any]] = []  # (trial, the trial of this batch it repeats)
         try:
             while True:
                 for number in retry_abandoned_trials(study):
@@ -675,7 +727,7 @@ class RetinaOptunaSweeper(Sweeper):
                 batch = min(int(self.opts.n_jobs), n_trials - taken)
                 if batch <= 0:
                     break
-                trials = []
+                trials, twins, told_twins = [], [], False
                 for _ in range(batch):
                     if self.opts.sampler == "grid" and grid_exhausted(study, sampler):
                         print(f"[optuna:{study_name}] grid exhausted: every point has a trial")
@@ -697,14 +749,27 @@ class RetinaOptunaSweeper(Sweeper):
                         sampler_args=self.opts.sampler_args,
                     )
                     trial.set_user_attr(OWNER_ATTR, owner)
+                    trial.set_user_attr(CONFIG_ATTR, key)
                     if not self._fits(study, trial.number, n_trials, full, max_iterations):
                         # Another process took the last slot (or the last of the compute
                         # budget) between our count and this ask: the lower number keeps it.
                         trial.set_user_attr(OVER_BUDGET_ATTR, True)
                         tell(study, trial, state=TrialState.FAIL)
                         continue
+                    twin = finished_twin(study, trial, key)
+                    if twin is not None:  # the same experiment has run: its outcome, no training
+                        state_name = tell_as_twin(study, trial, twin)
+                        self._progress(study, progress, trial, state_name, full, max_iterations)
+                        told_twins = True
+                        continue
+                    same = next((t for t in trials if t.params == trial.params), None)
+                    if same is not None:  # repeats a trial of this batch: told after it
+                        twins.append((trial, same))
+                        continue
                     trials.append(trial)
                 if not trials:
+                    if told_twins:
+                        continue
                     break
                 overrides = []
                 for trial in trials:
@@ -727,13 +792,13 @@ class RetinaOptunaSweeper(Sweeper):
                 for trial, result in zip(list(trials), results, strict=True):
                     state_name = self._tell(study, trial, result, PRUNED_ATTR)
                     trials.remove(trial)
-                    value = study.trials[trial.number].value
-                    # all processes on the study
-                    if max_iterations is None:
-                        done = finished_trials(study)
-                    else:
-                        done = iterations_spent(study, full, finished_only=True)
-                    progress.update(f"trial {trial.number}", value, state_name, done=done)
+                    self._progress(study, progress, trial, state_name, full, max_iterations)
+                for trial, same in list(twins):
+                    state_name = tell_as_twin(
+                        study, trial, study._storage.get_trial(same._trial_id)
+                    )
+                    twins.remove((trial, same))
+                    self._progress(study, progress, trial, state_name, full, max_iterations)
                 returns.append(list(results))
         except BaseException as exc:
             if isinstance(exc, KeyboardInterrupt):
@@ -742,7 +807,7 @@ class RetinaOptunaSweeper(Sweeper):
             # process on the study runs them (resuming from their checkpoints) instead of their
             # staying RUNNING, each holding a place in the study for ever.
             reason = f"the sweep ended with {type(exc).__name__}"
-            for trial in trials:
+            for trial in [*trials, *(t for t, _ in twins)]:
                 if give_back(study, trial.number, reason):
                     print(f"[optuna:{study_name}] trial {trial.number} interrupted: enqueued again")
             raise
@@ -758,6 +823,16 @@ class RetinaOptunaSweeper(Sweeper):
                 f"{self.opts.metric}={best.value:.3f} {best.params}"
             )
         return returns
+
+    @staticmethod
+    def _progress(study, progress, trial, state_name: str, full: int, max_iterations) -> None:
+        """One progress line for ``trial``, counted over all processes on the study."""
+        value = study._storage.get_trial(trial._trial_id).value
+        if max_iterations is None:
+            done = finished_trials(study)
+        else:
+            done = iterations_spent(study, full, finished_only=True)
+        progress.update(f"trial {trial.number}", value, state_name, done=done)
 
     @staticmethod
     def _fits(study, number: int, n_trials: int, full: int, max_iterations: int | None) -> bool:
