@@ -575,6 +575,18 @@ def test_a_bad_search_space_stops_an_optuna_sweep_naming_the_key(
     assert not (tmp_path / "sweeps" / "bad_space" / "optuna_journal.log").exists()
 
 
+def test_the_grid_sweeper_refuses_an_interval_in_one_line(tmp_path: Path) -> None:
+    # An interval is an Optuna search: the grid sweeper said so in a traceback, exit status 1.
+    cmd = [sys.executable, "-m", "retina_sweep", "-m", "scale=smoke", "tracking=none"]
+    cmd += [f"paths.root={tmp_path}/sweeps", "loss.gamma=interval(0.0,3.0)"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.strip() == (
+        "[multirun] stopped before any trial: loss.gamma=interval(0.0,3.0): interval sweeps "
+        "need an optimiser (hydra/sweeper=optuna), not the grid sweeper"
+    )
+
+
 @pytest.mark.slow
 def test_optuna_sweep_of_real_trials_matches_mlflow(tmp_path: Path) -> None:
     cmd = _optuna_smoke(
