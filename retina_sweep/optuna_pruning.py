@@ -20,11 +20,17 @@ from typing import Any
 __all__ = ["make_storage", "OptunaPruningCallback", "PRUNED_ATTR"]
 
 PRUNED_ATTR = "pruned_at"
+# A trial is stale when its heartbeat is this many heartbeat intervals old.
+HEARTBEAT_GRACE = 5
 
 
-def make_storage(spec: str):
+def make_storage(spec: str, *, heartbeat_s: int | None = None):
     """`journal:/path/file.log` -> a JournalStorage (safe for processes on one machine);
-    anything else is a database URL (sqlite:///..., postgresql://...) -> an RDBStorage."""
+    anything else is a database URL (sqlite:///..., postgresql://...) -> an RDBStorage, with
+    Optuna's trial heartbeats every ``heartbeat_s`` seconds (a trial whose heartbeat is
+    ``HEARTBEAT_GRACE`` intervals old is stale) when given."""
+    import warnings
+
     import optuna
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
@@ -33,11 +39,16 @@ def make_storage(spec: str):
         path = Path(spec[len("journal:") :])
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(path)))
+    beats: dict[str, Any] = {}
+    if heartbeat_s:
+        beats = {"heartbeat_interval": heartbeat_s, "grace_period": HEARTBEAT_GRACE * heartbeat_s}
     # Two sweeps started at once on a fresh database both try to create Optuna's schema; the
     # loser's CREATE fails. Retry: the second attempt finds the schema made by the winner.
     for attempt in range(5):
         try:
-            return optuna.storages.RDBStorage(spec)
+            with warnings.catch_warnings():  # heartbeat_interval is "experimental"
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(spec, **beats)
         except Exception as exc:
             text = str(exc).lower()
             if attempt == 4 or not ("already exists" in text or "duplicate" in text):

@@ -55,6 +55,8 @@ def study(tmp_path: Path, name: str = "standin") -> optuna.Study:
         ({"compute_budget": 0.5}, "compute_budget"),
         ({"compute_budget": "lots"}, "compute_budget"),
         ({"grace_s": -1}, "grace_s"),
+        ({"heartbeat_s": -1}, "heartbeat_s"),
+        ({"heartbeat_s": 1.5}, "heartbeat_s"),
     ],
 )
 def test_unknown_names_are_clear_errors(kwargs: dict, key: str) -> None:
@@ -420,6 +422,45 @@ def test_resuming_a_study_in_the_other_direction_is_an_error(tmp_path: Path) -> 
         "'standin' in the storage maximizes"
     ) in out, out
     assert len(study(tmp_path).trials) == 1
+
+
+def test_a_trial_whose_heartbeat_stopped_on_another_machine_is_retried(tmp_path: Path) -> None:
+    """A process on another host cannot be checked: on a database storage, a RUNNING trial whose
+    sweeper stopped recording heartbeats (its machine died) is retried. It stayed RUNNING."""
+    import time
+    import warnings
+
+    from hydra_plugins.retina_sweep_optuna.optuna_sweeper import retry_abandoned_trials
+
+    url = f"sqlite:///{tmp_path}/o.db"
+    with warnings.catch_warnings():  # experimental; "supposed to be used with Study.optimize"
+        warnings.simplefilter("ignore")
+        storage = optuna.storages.RDBStorage(url, heartbeat_interval=1, grace_period=1)
+        s = optuna.create_study(study_name="s", storage=storage)
+        dist = {"x": optuna.distributions.FloatDistribution(0, 1)}
+        dead, old, alive = (s.ask(dist) for _ in range(3))
+    for n, trial in enumerate((dead, old, alive)):
+        trial.set_user_attr("sweeper_process", f"elsewhere:{n + 1}:1")
+    storage.record_heartbeat(dead._trial_id)  # then its machine died
+    # `old` never beat (a sweeper without heartbeats): it cannot be judged and is kept.
+    time.sleep(2.5)
+    storage.record_heartbeat(alive._trial_id)
+    assert retry_abandoned_trials(s) == [dead.number]
+    S = optuna.trial.TrialState
+    assert [t.state for t in s.trials] == [S.FAIL, S.RUNNING, S.RUNNING, S.WAITING]
+    assert "heartbeat" in s.trials[0].user_attrs["interrupted"]
+
+
+def test_the_sweeper_records_heartbeats_of_its_trials_on_a_database(tmp_path: Path) -> None:
+    import sqlite3
+
+    db = tmp_path / "o.db"
+    proc = standin(tmp_path, "hydra.sweeper.n_trials=2", f"hydra.sweeper.storage=sqlite:///{db}")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    with sqlite3.connect(db) as con:
+        beats = con.execute("SELECT COUNT(DISTINCT trial_id) FROM trial_heartbeats").fetchone()
+    assert beats == (2,)
 
 
 def test_the_mlflow_run_of_an_abandoned_trial_is_ended_killed(tmp_path: Path) -> None:

@@ -98,6 +98,10 @@ class RetinaOptunaSweeperConf:
     # Seconds worker processes get to record their trials as killed after SIGTERM or Ctrl-C
     # reaches the sweep (retina_sweep.signals); raise it on a slow shared tracking store.
     grace_s: float = SWEEP_GRACE_S
+    # Database storages: the sweeper records a heartbeat of its running trials every heartbeat_s
+    # seconds, and a sweep on the study retries a trial whose heartbeat is 5 intervals old (its
+    # machine died). null or 0: none (a trial left RUNNING elsewhere then stays RUNNING).
+    heartbeat_s: Any = 60
 
 
 def build_sampler(name: str, seed: int, space: dict[str, Any], args: dict[str, Any] | None = None):
@@ -137,7 +141,7 @@ def absolute_storage(spec: str, cwd: str | os.PathLike | None = None) -> str:
     return spec
 
 
-def open_storage(spec: str):
+def open_storage(spec: str, heartbeat_s: int | None = None):
     """The study's storage (``make_storage``), or a ``ConfigError`` naming
     ``hydra.sweeper.storage`` when it cannot be opened (a malformed URL, a database driver that
     is not installed, a server that does not answer, a directory that does not exist)."""
@@ -145,7 +149,7 @@ def open_storage(spec: str):
     from retina_sweep.optuna_pruning import make_storage
 
     try:
-        return make_storage(spec)
+        return make_storage(spec, heartbeat_s=heartbeat_s)
     except Exception as exc:  # SQLAlchemy's, the driver's, or the file system's
         message = " ".join(str(exc).split("(Background on this error")[0].split())
         raise ConfigError(
@@ -173,13 +177,19 @@ def ask_trial(study, space: dict[str, Any], *, sampler: str, seed: int, sampler_
     grid sampler is the exception: it gives trial n the n-th point of a grid shuffled by its
     seed, which is already unique across processes as long as they all keep the one seed.
     """
+    import warnings
+
     import optuna
 
-    if sampler == "grid":
-        study.sampler = build_sampler(sampler, seed, space, sampler_args)
-        trial = study.ask()
-    else:
-        trial = study.ask()  # draws nothing yet: the parameters are suggested below
+    with warnings.catch_warnings():
+        # The sweeper records its trials' heartbeats itself (class Heartbeats).
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+        if sampler == "grid":
+            study.sampler = build_sampler(sampler, seed, space, sampler_args)
+            trial = study.ask()
+        else:
+            trial = study.ask()  # draws nothing yet: the parameters are suggested below
+    if sampler != "grid":
         study.sampler = build_sampler(sampler, trial_seed(seed, trial.number), space, sampler_args)
     for name, dist in space.items():
         if isinstance(dist, optuna.distributions.FloatDistribution):
@@ -372,19 +382,80 @@ def give_back(study, trial_number: int, reason: str) -> bool:
     return True
 
 
+def heartbeat_interval(storage) -> int | None:
+    """The storage's heartbeat interval in seconds (a database storage made with one), or None."""
+    from optuna.storages._heartbeat import BaseHeartbeat  # what Optuna's own check uses
+
+    if isinstance(storage, BaseHeartbeat):  # a study wraps its RDBStorage in a cache
+        return storage.get_heartbeat_interval() or None
+    return None
+
+
 def retry_abandoned_trials(study) -> list[int]:
     """Fail and enqueue again the RUNNING trials whose sweeper process is gone (killed with
     SIGKILL, by the OOM killer, or with its machine): Optuna keeps them RUNNING for ever, where
-    they held a place of n_trials and a full trial of the compute budget. The numbers retried."""
+    they held a place of n_trials and a full trial of the compute budget. A process on this host
+    is checked directly; on a database storage with heartbeats, a trial whose heartbeat is stale
+    is abandoned wherever its process ran. The numbers retried."""
     import optuna
 
+    storage = study._storage
+    stale: set[int] = set()
+    if heartbeat_interval(storage):
+        stale = set(storage._get_stale_trial_ids(study._study_id))
+    me = process_id()
     retried = []
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         owner = t.user_attrs.get(OWNER_ATTR)
-        if isinstance(owner, str) and process_gone(owner):
-            if give_back(study, t.number, f"its sweeper process {owner} ended"):
-                retried.append(t.number)
+        if not isinstance(owner, str) or owner == me:
+            continue  # a trial of this process, or of a version that did not record its owner
+        if process_gone(owner):
+            reason = f"its sweeper process {owner} ended"
+        elif t._trial_id in stale:
+            reason = f"the heartbeat of its sweeper process {owner} stopped"
+        else:
+            continue
+        if give_back(study, t.number, reason):
+            retried.append(t.number)
     return retried
+
+
+class Heartbeats:
+    """A thread that records the heartbeat of the trials ``trial_ids()`` returns every
+    ``heartbeat_interval(storage)`` seconds, from ``start()`` to ``close()`` (none without an
+    interval: a journal storage, or ``heartbeat_s`` null)."""
+
+    def __init__(self, storage, trial_ids) -> None:
+        import threading
+
+        self.storage, self.trial_ids = storage, trial_ids
+        self.interval = heartbeat_interval(storage)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._beat, name="optuna-heartbeats", daemon=True)
+
+    def _beat(self) -> None:
+        while not self.stop.is_set():
+            for trial_id in list(self.trial_ids()):
+                try:
+                    self.storage.record_heartbeat(trial_id)
+                except Exception as exc:  # a database hiccup: the next beat may land
+                    log.warning("heartbeat of trial id %s not recorded: %s", trial_id, exc)
+            self.stop.wait(self.interval)
+
+    def beat_now(self) -> None:
+        """Record the heartbeats at once (a new trial, before its first interval ends)."""
+        if self.interval:
+            for trial_id in list(self.trial_ids()):
+                self.storage.record_heartbeat(trial_id)
+
+    def start(self) -> None:
+        if self.interval:
+            self.thread.start()
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.thread.is_alive():
+            self.thread.join()
 
 
 def end_abandoned_runs(parent, number: int, reason: str) -> list[str]:
@@ -530,6 +601,11 @@ class RetinaOptunaSweeper(Sweeper):
         if int(self.opts.n_trials) < 1 or int(self.opts.n_jobs) < 1:
             raise ValueError("hydra.sweeper.n_trials and n_jobs must be >= 1")
         self.opts.grace_s = check_grace(self.opts.grace_s, key="hydra.sweeper.grace_s")
+        beat = self.opts.heartbeat_s
+        if beat is not None and (isinstance(beat, bool) or not isinstance(beat, int) or beat < 0):
+            raise ValueError(
+                f"hydra.sweeper.heartbeat_s must be null or an integer >= 0, got {beat!r}"
+            )
         budget = self.opts.compute_budget
         if budget is not None and not (
             isinstance(budget, int | float) and not isinstance(budget, bool) and budget >= 1
@@ -668,7 +744,7 @@ class RetinaOptunaSweeper(Sweeper):
                 self.opts.sampler, int(self.opts.seed), space, self.opts.sampler_args
             )
             spec, study_name = self._storage_spec()
-            storage = open_storage(spec)
+            storage = open_storage(spec, self.opts.heartbeat_s)
             if self._retina():
                 from retina_sweep.train import prepare
 
@@ -709,12 +785,17 @@ class RetinaOptunaSweeper(Sweeper):
         key = config_key(fixed)
         trials: list[Any] = []  # asked and not yet told
         twins: list[tuple[Any, Any]] = []  # (trial, the trial of this batch it repeats)
+        heartbeats = Heartbeats(
+            study._storage, lambda: [t._trial_id for t in [*trials, *(t for t, _ in twins)]]
+        )
+        heartbeats.start()
         try:
             while True:
                 for number in retry_abandoned_trials(study):
                     print(
                         f"[optuna:{study_name}] trial {number} was left RUNNING by a process "
-                        "that ended: told FAIL (interrupted), its parameters enqueued again"
+                        "that ended (or whose heartbeat stopped): told FAIL (interrupted), its "
+                        "parameters enqueued again"
                     )
                     if parent is not None:
                         end_abandoned_runs(parent, number, "its sweeper process ended (killed)")
@@ -787,6 +868,7 @@ class RetinaOptunaSweeper(Sweeper):
                     if parent is not None:
                         extra.append(f"tracking.parent_run_id={parent.run_id}")
                     overrides.append(fixed + params + extra)
+                heartbeats.beat_now()
                 results = self.launcher.launch(overrides, initial_job_idx=job_idx)
                 job_idx += len(overrides)
                 for trial, result in zip(list(trials), results, strict=True):
@@ -812,6 +894,7 @@ class RetinaOptunaSweeper(Sweeper):
                     print(f"[optuna:{study_name}] trial {trial.number} interrupted: enqueued again")
             raise
         finally:
+            heartbeats.close()
             if parent is not None:
                 summary = parent.close(status=status, metric=self.opts.metric)
                 print(f"[optuna:{study_name}] MLflow parent run {parent.run_id}: {summary}")
