@@ -409,7 +409,9 @@ def retry_abandoned_trials(study) -> list[int]:
         owner = t.user_attrs.get(OWNER_ATTR)
         if not isinstance(owner, str) or owner == me:
             continue  # a trial of this process, or of a version that did not record its owner
-        if process_gone(owner):
+        if owner.partition(":")[0] == socket.gethostname():  # checked directly, not by beats
+            if not process_gone(owner):
+                continue
             reason = f"its sweeper process {owner} ended"
         elif t._trial_id in stale:
             reason = f"the heartbeat of its sweeper process {owner} stopped"
