@@ -463,6 +463,19 @@ def test_the_sweeper_records_heartbeats_of_its_trials_on_a_database(tmp_path: Pa
     assert beats == (2,)
 
 
+def test_telling_a_trial_another_process_already_retried_does_not_end_the_sweep() -> None:
+    from hydra.core.utils import JobReturn, JobStatus
+
+    from hydra_plugins.retina_sweep_optuna.optuna_sweeper import give_back
+
+    s = optuna.create_study(direction="maximize")
+    trial = s.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    assert give_back(s, trial.number, "its heartbeat stopped")  # as another process would
+    done = JobReturn(status=JobStatus.COMPLETED, _return_value=1.0)
+    assert RetinaOptunaSweeper()._tell(s, trial, done, "pruned_at").startswith("FAIL")
+    assert s.trials[trial.number].state == optuna.trial.TrialState.FAIL
+
+
 def test_the_mlflow_run_of_an_abandoned_trial_is_ended_killed(tmp_path: Path) -> None:
     # A trial process killed with SIGKILL leaves its MLflow child RUNNING, tagged `running`
     # (not a final outcome, so closing the parent left it RUNNING for ever).

@@ -312,10 +312,11 @@ def tell(study, trial, value: float | None = None, state=None) -> None:
     Optuna's GridSampler calls ``study.stop()`` after the last grid point is told, which raises
     outside ``study.optimize``; the trial's state and value are stored before that (Optuna
     writes them in a ``finally``), and this sweeper stops at the end of the grid itself
-    (``grid_exhausted``).
+    (``grid_exhausted``). A trial that has already ended (another process retried it as
+    abandoned) is left as it is.
     """
     try:
-        study.tell(trial, value, state=state)
+        study.tell(trial, value, state=state, skip_if_finished=True)
     except RuntimeError as exc:
         if "Study.stop" not in str(exc):
             raise
@@ -949,6 +950,12 @@ class RetinaOptunaSweeper(Sweeper):
         import optuna
 
         TrialState = optuna.trial.TrialState
+        frozen = study._storage.get_trial(trial._trial_id)
+        if frozen.state.is_finished():
+            # Another process took the trial for abandoned (its heartbeat was late) and retried
+            # it: its state stays, and the retry runs; a tell here raised and ended the sweep.
+            log.warning("trial %d had already ended %s", trial.number, frozen.state.name)
+            return f"{frozen.state.name} (already, by another process)"
         if result.status != JobStatus.COMPLETED:
             exc = getattr(result, "_return_value", None)  # the job's exception
             error = f"{type(exc).__name__}: {exc}" if isinstance(exc, BaseException) else "failed"
