@@ -12,6 +12,7 @@ the study PRUNED, and the MLflow run ends with outcome `pruned` (status KILLED, 
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from pathlib import Path
@@ -20,6 +21,8 @@ from typing import Any
 __all__ = ["make_storage", "OptunaPruningCallback", "PRUNED_ATTR"]
 
 PRUNED_ATTR = "pruned_at"
+
+log = logging.getLogger(__name__)
 # A trial is stale when its heartbeat is this many heartbeat intervals old.
 HEARTBEAT_GRACE = 5
 
@@ -88,12 +91,25 @@ class OptunaPruningCallback:
         self.trial = optuna.trial.Trial(self.study, self.trial_id)
 
     def report(self, step: int, metrics: dict[str, Any]) -> bool:
+        import optuna
+
         value = metrics.get(self.metric)
         if value is None or (isinstance(value, float) and math.isnan(value)):
             return False
-        self.trial.report(float(value), int(step))
+        try:
+            self.trial.report(float(value), int(step))
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # A sweep took the trial for abandoned (its heartbeat was late) and enqueued it
+            # again: stop, rather than train on beside the retry into the same checkpoints.
+            log.warning("trial %d has already ended in the study: stopping", self.trial.number)
+            return True
         return bool(self.trial.should_prune())
 
     def pruned(self, step: int) -> float:
-        self.study._storage.set_trial_user_attr(self.trial_id, PRUNED_ATTR, int(step))
+        import optuna
+
+        try:
+            self.study._storage.set_trial_user_attr(self.trial_id, PRUNED_ATTR, int(step))
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # ended already (see report): its state in the study stays
         return math.nan

@@ -476,6 +476,23 @@ def test_telling_a_trial_another_process_already_retried_does_not_end_the_sweep(
     assert s.trials[trial.number].state == optuna.trial.TrialState.FAIL
 
 
+def test_a_job_whose_trial_was_retried_elsewhere_stops(tmp_path: Path) -> None:
+    # Its report raised UpdateFinishedTrialError and the job ended FAILED; stopping (as pruned)
+    # keeps it from training on beside its retry, into the same checkpoint directory.
+    from hydra_plugins.retina_sweep_optuna.optuna_sweeper import give_back
+    from retina_sweep.optuna_pruning import OptunaPruningCallback
+
+    spec = f"journal:{tmp_path}/j.log"
+    s = optuna.create_study(study_name="s", storage=make_storage(spec), direction="maximize")
+    trial = s.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    callback = OptunaPruningCallback(storage=spec, study_name="s", trial_number=trial.number)
+    assert callback.report(1, {"AP": 1.0}) is False
+    assert give_back(s, trial.number, "its heartbeat stopped")
+    assert callback.report(2, {"AP": 2.0}) is True
+    assert math.isnan(callback.pruned(2))
+    assert s.trials[trial.number].state == optuna.trial.TrialState.FAIL
+
+
 def test_the_mlflow_run_of_an_abandoned_trial_is_ended_killed(tmp_path: Path) -> None:
     # A trial process killed with SIGKILL leaves its MLflow child RUNNING, tagged `running`
     # (not a final outcome, so closing the parent left it RUNNING for ever).
