@@ -27,8 +27,11 @@ study never trains more than the budget, and what pruning saves buys more trials
 
 A trial that did not end (the sweep interrupted, or its process killed) is told FAIL as
 `interrupted` and its parameters are enqueued again, by the sweep itself or, after a SIGKILL, by
-the next sweep on the study that sees the trial's process gone (same host only); the retry
-resumes from the checkpoint of the same configuration.
+a sweep on the study that sees the trial's process gone (same host) or its heartbeat stopped
+(database storages, `heartbeat_s`); the retry resumes from the checkpoint of the same
+configuration. A point drawn again (the same parameters and fixed overrides as a COMPLETE or
+PRUNED trial) is told that trial's outcome without training. Bad input (an unknown key, a value
+retina_sweep rejects, a bad distribution or storage) stops the sweep before the study opens.
 """
 
 from __future__ import annotations
