@@ -368,6 +368,14 @@ def test_a_crashed_or_diverged_trial_is_told_fail_and_the_study_goes_on(tmp_path
     assert iterations_spent(s, 5) == 20  # a failed trial costs the full count
 
 
+def test_a_study_whose_every_trial_failed_exits_1(tmp_path: Path) -> None:
+    # As the grid sweeper: a script or a cluster job must see it. It exited 0.
+    proc = standin(tmp_path, "hydra.sweeper.n_trials=2", "fail_trials=[0,1]")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 1, out
+    assert "every trial this process ran FAILED (2)" in out
+
+
 def test_an_abandoned_trial_is_retried_once_by_processes_racing_to_resume() -> None:
     from hydra_plugins.retina_sweep_optuna.optuna_sweeper import give_back
 

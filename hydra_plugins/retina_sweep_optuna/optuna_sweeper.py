@@ -787,6 +787,7 @@ class RetinaOptunaSweeper(Sweeper):
         returns = []
         job_idx = 0
         status = "FINISHED"
+        ran = failed = 0  # trials this process launched, and those told FAIL
         owner = process_id()
         key = config_key(fixed)
         trials: list[Any] = []  # asked and not yet told
@@ -880,6 +881,8 @@ class RetinaOptunaSweeper(Sweeper):
                 for trial, result in zip(list(trials), results, strict=True):
                     state_name = self._tell(study, trial, result, PRUNED_ATTR)
                     trials.remove(trial)
+                    ran += 1
+                    failed += state_name.startswith("FAILED")
                     self._progress(study, progress, trial, state_name, full, max_iterations)
                 for trial, same in list(twins):
                     state_name = tell_as_twin(
@@ -888,9 +891,10 @@ class RetinaOptunaSweeper(Sweeper):
                     twins.remove((trial, same))
                     self._progress(study, progress, trial, state_name, full, max_iterations)
                 returns.append(list(results))
+            if ran and failed == ran:
+                status = "FAILED"  # nothing this process trained gave an objective
         except BaseException as exc:
-            if isinstance(exc, KeyboardInterrupt):
-                status = "KILLED"
+            status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
             # Trials in flight did not end: fail them and enqueue them again, so that the next
             # process on the study runs them (resuming from their checkpoints) instead of their
             # staying RUNNING, each holding a place in the study for ever.
@@ -911,6 +915,11 @@ class RetinaOptunaSweeper(Sweeper):
                 f"[optuna:{study_name}] best trial {best.number}: "
                 f"{self.opts.metric}={best.value:.3f} {best.params}"
             )
+        if status == "FAILED":
+            # A script or a cluster job must see it (each trial's `error` user attribute and
+            # MLflow tag say why); a study where only some trials failed has a result: exit 0.
+            print(f"[optuna:{study_name}] every trial this process ran FAILED ({failed})")
+            raise SystemExit(1)
         return returns
 
     @staticmethod
