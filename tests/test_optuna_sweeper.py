@@ -376,6 +376,25 @@ def test_a_study_whose_every_trial_failed_exits_1(tmp_path: Path) -> None:
     assert "every trial this process ran FAILED (2)" in out
 
 
+def test_only_a_process_of_this_host_and_pid_namespace_is_judged_gone() -> None:
+    """A container with host networking has the host's name but its own pids: a pid of another
+    PID namespace says nothing here (it was taken for gone, and a live trial retried)."""
+    import socket
+
+    from hydra_plugins.retina_sweep_optuna.optuna_sweeper import host_id, process_gone, process_id
+
+    done = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        text=True,
+        capture_output=True,
+        check=True,
+    )
+    pid = int(done.stdout)  # a process that has ended
+    assert process_gone(f"{host_id()}:{pid}:1") and not process_gone(process_id())
+    assert not process_gone(f"{socket.gethostname()}/1:{pid}:1")  # another PID namespace
+    assert not process_gone(f"elsewhere:{pid}:1")
+
+
 def test_an_abandoned_trial_is_retried_once_by_processes_racing_to_resume() -> None:
     from hydra_plugins.retina_sweep_optuna.optuna_sweeper import give_back
 

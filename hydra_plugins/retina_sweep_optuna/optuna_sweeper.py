@@ -334,9 +334,19 @@ def _start_time(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[19]
 
 
+def host_id() -> str:
+    """This host as its processes see it: the host name and the PID namespace (containers that
+    share a host name, e.g. with host networking, do not see each other's pids)."""
+    try:
+        ns = "".join(c for c in os.readlink("/proc/self/ns/pid") if c.isdigit())
+    except OSError:
+        ns = ""
+    return f"{socket.gethostname()}/{ns}" if ns else socket.gethostname()
+
+
 def process_id() -> str:
     """This process as ``host:pid:start time``: a pid alone may be reused after a reboot."""
-    return f"{socket.gethostname()}:{os.getpid()}:{_start_time(os.getpid()) or ''}"
+    return f"{host_id()}:{os.getpid()}:{_start_time(os.getpid()) or ''}"
 
 
 def process_gone(owner: str) -> bool:
@@ -344,10 +354,10 @@ def process_gone(owner: str) -> bool:
     can be checked; one elsewhere is taken as alive."""
     host, _, rest = owner.partition(":")
     pid_text, _, started = rest.partition(":")
-    if host != socket.gethostname() or not pid_text.isdigit():
+    if host != host_id() or not pid_text.isdigit():
         return False
     pid = int(pid_text)
-    if pid == os.getpid():
+    if pid == os.getpid() or not 0 < pid < 2**22:  # (Linux's pid_max is at most 2**22)
         return False
     try:
         os.kill(pid, 0)
@@ -413,7 +423,7 @@ def retry_abandoned_trials(study) -> list[int]:
         owner = t.user_attrs.get(OWNER_ATTR)
         if not isinstance(owner, str) or owner == me:
             continue  # a trial of this process, or of a version that did not record its owner
-        if owner.partition(":")[0] == socket.gethostname():  # checked directly, not by beats
+        if owner.partition(":")[0] == host_id():  # checked directly, not by heartbeats
             if not process_gone(owner):
                 continue
             reason = f"its sweeper process {owner} ended"
