@@ -63,7 +63,7 @@ PRUNERS = ("none", "median", "hyperband", "successive_halving")
 
 
 OVER_BUDGET_ATTR = "over_budget"
-# A trial's sweeper process (`host:pid:start time`), so that a resumed sweep can tell a trial left
+# A trial's sweeper process (`host/PID namespace:pid:start time`), so that a resumed sweep can tell a trial left
 # RUNNING by a process that is gone from one still running in another process.
 OWNER_ATTR = "sweeper_process"
 # A trial that did not end (the sweep was interrupted or its process killed): told FAIL, and its
