@@ -155,6 +155,11 @@ def open_storage(spec: str, heartbeat_s: int | None = None):
         return make_storage(spec, heartbeat_s=heartbeat_s)
     except Exception as exc:  # SQLAlchemy's, the driver's, or the file system's
         message = " ".join(str(exc).split("(Background on this error")[0].split())
+        if "://" not in spec:
+            message += (
+                " (a storage is a database URL, sqlite:///file.db or postgresql://..., or "
+                "journal:/path/file.log)"
+            )
         raise ConfigError(
             f"hydra.sweeper.storage={spec}: cannot open the study's storage: "
             f"{type(exc).__name__}: {message}"
