@@ -12,6 +12,7 @@ the study PRUNED, and the MLflow run ends with outcome `pruned` (status KILLED, 
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from pathlib import Path
@@ -21,10 +22,18 @@ __all__ = ["make_storage", "OptunaPruningCallback", "PRUNED_ATTR"]
 
 PRUNED_ATTR = "pruned_at"
 
+log = logging.getLogger(__name__)
+# A trial is stale when its heartbeat is this many heartbeat intervals old.
+HEARTBEAT_GRACE = 5
 
-def make_storage(spec: str):
+
+def make_storage(spec: str, *, heartbeat_s: int | None = None):
     """`journal:/path/file.log` -> a JournalStorage (safe for processes on one machine);
-    anything else is a database URL (sqlite:///..., postgresql://...) -> an RDBStorage."""
+    anything else is a database URL (sqlite:///..., postgresql://...) -> an RDBStorage, with
+    Optuna's trial heartbeats every ``heartbeat_s`` seconds (a trial whose heartbeat is
+    ``HEARTBEAT_GRACE`` intervals old is stale) when given."""
+    import warnings
+
     import optuna
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
@@ -33,11 +42,16 @@ def make_storage(spec: str):
         path = Path(spec[len("journal:") :])
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(path)))
+    beats: dict[str, Any] = {}
+    if heartbeat_s:
+        beats = {"heartbeat_interval": heartbeat_s, "grace_period": HEARTBEAT_GRACE * heartbeat_s}
     # Two sweeps started at once on a fresh database both try to create Optuna's schema; the
     # loser's CREATE fails. Retry: the second attempt finds the schema made by the winner.
     for attempt in range(5):
         try:
-            return optuna.storages.RDBStorage(spec)
+            with warnings.catch_warnings():  # heartbeat_interval is "experimental"
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(spec, **beats)
         except Exception as exc:
             text = str(exc).lower()
             if attempt == 4 or not ("already exists" in text or "duplicate" in text):
@@ -77,12 +91,25 @@ class OptunaPruningCallback:
         self.trial = optuna.trial.Trial(self.study, self.trial_id)
 
     def report(self, step: int, metrics: dict[str, Any]) -> bool:
+        import optuna
+
         value = metrics.get(self.metric)
         if value is None or (isinstance(value, float) and math.isnan(value)):
             return False
-        self.trial.report(float(value), int(step))
+        try:
+            self.trial.report(float(value), int(step))
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # A sweep took the trial for abandoned (its heartbeat was late) and enqueued it
+            # again: stop, rather than train on beside the retry into the same checkpoints.
+            log.warning("trial %d has already ended in the study: stopping", self.trial.number)
+            return True
         return bool(self.trial.should_prune())
 
     def pruned(self, step: int) -> float:
-        self.study._storage.set_trial_user_attr(self.trial_id, PRUNED_ATTR, int(step))
+        import optuna
+
+        try:
+            self.study._storage.set_trial_user_attr(self.trial_id, PRUNED_ATTR, int(step))
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # ended already (see report): its state in the study stays
         return math.nan

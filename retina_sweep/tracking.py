@@ -94,6 +94,16 @@ def experiment_id(mlf, name: str) -> str:
     """The id of experiment `name`, created (with its artifact root) when it does not exist."""
     exp = mlf.get_experiment_by_name(name)
     if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            # MLflow keeps a deleted experiment's name (in its trash) and refuses new runs in it
+            # with "The experiment 1 must be in the 'active' state", which named neither.
+            from .config import ConfigError
+
+            raise ConfigError(
+                f"tracking.experiment={name}: the MLflow experiment is deleted (in the trash) on "
+                f"{mlf.tracking_uri}; restore it (mlflow experiments restore --experiment-id "
+                f"{exp.experiment_id}) or give another tracking.experiment"
+            )
         return exp.experiment_id
     try:
         root = artifact_root(mlf.tracking_uri)

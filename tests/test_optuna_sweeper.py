@@ -55,6 +55,8 @@ def study(tmp_path: Path, name: str = "standin") -> optuna.Study:
         ({"compute_budget": 0.5}, "compute_budget"),
         ({"compute_budget": "lots"}, "compute_budget"),
         ({"grace_s": -1}, "grace_s"),
+        ({"heartbeat_s": -1}, "heartbeat_s"),
+        ({"heartbeat_s": 1.5}, "heartbeat_s"),
     ],
 )
 def test_unknown_names_are_clear_errors(kwargs: dict, key: str) -> None:
@@ -93,6 +95,17 @@ def test_pruner_args_keyed_by_pruner_name_follow_the_chosen_pruner() -> None:
     # Mixed keys are flat, so the pruner rejects the stray one by name.
     with pytest.raises(ValueError, match=r"hydra\.sweeper\.pruner_args: .*hyperband"):
         RetinaOptunaSweeper(pruner="median", pruner_args={"hyperband": {}, "n_startup_trials": 2})
+
+
+@pytest.mark.parametrize(("scale", "full"), [("proxy", 400), ("proxy_long", 800)])
+def test_the_hpo_presets_hyperband_ends_at_the_full_trial(scale: str, full: int) -> None:
+    # A fixed max_resource of 400 stopped Hyperband's rungs halfway through an 800-iteration
+    # trial (scale=proxy_long); the proxy's value is unchanged.
+    from hydra.core.plugins import Plugins
+
+    cfg = compose_config(["+sweep=hpo", f"scale={scale}"], hydra=True)
+    sweeper = Plugins.instance()._instantiate(cfg.hydra.sweeper)  # as Hydra makes it
+    assert sweeper.pruner_args == {"min_resource": 100, "max_resource": full, "reduction_factor": 2}
 
 
 def test_sampler_args_reach_the_sampler() -> None:
@@ -219,6 +232,19 @@ def test_a_grid_study_runs_to_the_end_of_its_grid(tmp_path: Path) -> None:
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in s.trials)
 
 
+def test_a_grid_study_stops_when_its_grid_is_exhausted(tmp_path: Path) -> None:
+    # Optuna's GridSampler goes on past the last point, re-drawing grid points at random: with
+    # the default n_trials=20 a grid of 2 trained 18 duplicates (each holding a full trial of a
+    # compute budget).
+    proc = standin(
+        tmp_path, "hydra.sweeper.sampler=grid", "x=choice(-1.0,1.0)", "hydra.sweeper.n_trials=5"
+    )
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert sorted(t.params["x"] for t in study(tmp_path).trials) == [-1.0, 1.0]
+    assert "grid exhausted" in out
+
+
 @pytest.mark.parametrize("sampler", ["random", "tpe", "grid"])
 def test_processes_sharing_a_study_draw_what_one_process_would(sampler: str) -> None:
     """Two study objects on one storage (two processes), same seed: no point drawn twice, and
@@ -267,6 +293,253 @@ def test_pruner_prunes_a_trial_built_to_be_bad(tmp_path: Path) -> None:
     P, C = optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.COMPLETE
     assert states == [C, C, P, P]
     assert study(tmp_path).trials[2].user_attrs["pruned_at"] == 1
+
+
+@pytest.mark.parametrize("how", ["interrupt_trials", "kill_trials"])
+def test_a_trial_killed_mid_way_is_retried_when_the_study_resumes(tmp_path: Path, how: str) -> None:
+    """Ctrl-C (or SIGTERM) of the sweep, or SIGKILL of its process, in trial 1: the trial stayed
+    RUNNING in the study for ever, held a slot of n_trials (and a full trial of a compute budget)
+    and was never run again. Resuming now fails it (user attribute `interrupted`) and runs its
+    parameters again as a new trial (`retry_of`), which resumes training from its checkpoint."""
+    args = ("hydra.sweeper.n_trials=3", "hydra.sweeper.sampler=random")
+    first = standin(tmp_path, *args, "hydra.sweeper.compute_budget=3", f"{how}=[1]")
+    out, _ = first.communicate(timeout=300)
+    assert first.returncode != 0, out
+    again = standin(tmp_path, *args, "hydra.sweeper.compute_budget=3")
+    out, _ = again.communicate(timeout=300)
+    assert again.returncode == 0, out
+    s = study(tmp_path)
+    C, F = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL
+    assert [t.state for t in s.trials] == [C, F, C, C]
+    assert "interrupted" in s.trials[1].user_attrs
+    assert s.trials[2].user_attrs["retry_of"] == 1
+    assert s.trials[2].params == s.trials[1].params
+    ran = [int(x) for x in (tmp_path / "trials.log").read_text().split()]
+    assert ran == [0, 1, 2, 3]
+    assert iterations_spent(s, 5) == 15  # the interrupted trial costs nothing: its retry resumes
+
+
+@pytest.mark.parametrize("n_jobs", [1, 2])
+def test_a_point_drawn_again_is_told_its_twins_outcome_without_training(
+    tmp_path: Path, n_jobs: int
+) -> None:
+    # Samplers draw a point of a small categorical space again (TPE often): it was trained again
+    # (costing a full trial of the compute budget) and, drawn twice in one batch or by two
+    # processes, trained twice at once into one checkpoint directory.
+    proc = standin(
+        tmp_path,
+        "x=choice(-1.0,1.0)",
+        "hydra.sweeper.sampler=random",
+        "hydra.sweeper.n_trials=6",
+        f"hydra.sweeper.n_jobs={n_jobs}",
+        "hydra.sweeper.compute_budget=6",
+    )
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    s = study(tmp_path)
+    assert len(s.trials) == 6
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in s.trials)
+    ran = [int(x) for x in (tmp_path / "trials.log").read_text().split()]
+    assert len(ran) == 2 == len({s.trials[n].params["x"] for n in ran})  # each point once
+    for t in s.trials:
+        if t.number not in ran:
+            twin = s.trials[t.user_attrs["duplicate_of"]]
+            assert twin.number in ran and (twin.params, twin.value) == (t.params, t.value)
+    assert iterations_spent(s, 5) == 10  # the repeats cost nothing
+
+
+def test_a_crashed_or_diverged_trial_is_told_fail_and_the_study_goes_on(tmp_path: Path) -> None:
+    proc = standin(
+        tmp_path,
+        "hydra.sweeper.n_trials=4",
+        "hydra.sweeper.sampler=random",
+        "hydra.sweeper.compute_budget=4",
+        "fail_trials=[1]",
+        "nan_trials=[2]",
+    )
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    s = study(tmp_path)
+    C, F = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL
+    assert [t.state for t in s.trials] == [C, F, F, C]
+    # Why, for the dashboard: the job's exception, or the missing objective.
+    assert s.trials[1].user_attrs["error"] == "RuntimeError: trial 1 crashed"
+    assert s.trials[2].user_attrs["error"] == "no objective: the job returned nan"
+    assert iterations_spent(s, 5) == 20  # a failed trial costs the full count
+
+
+def test_a_study_whose_every_trial_failed_exits_1(tmp_path: Path) -> None:
+    # As the grid sweeper: a script or a cluster job must see it. It exited 0.
+    proc = standin(tmp_path, "hydra.sweeper.n_trials=2", "fail_trials=[0,1]")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 1, out
+    assert "every trial this process ran FAILED (2)" in out
+
+
+def test_only_a_process_of_this_host_and_pid_namespace_is_judged_gone() -> None:
+    """A container with host networking has the host's name but its own pids: a pid of another
+    PID namespace says nothing here (it was taken for gone, and a live trial retried)."""
+    import socket
+
+    from hydra_plugins.retina_sweep_optuna.optuna_sweeper import host_id, process_gone, process_id
+
+    done = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        text=True,
+        capture_output=True,
+        check=True,
+    )
+    pid = int(done.stdout)  # a process that has ended
+    assert process_gone(f"{host_id()}:{pid}:1") and not process_gone(process_id())
+    assert not process_gone(f"{socket.gethostname()}/1:{pid}:1")  # another PID namespace
+    assert not process_gone(f"elsewhere:{pid}:1")
+
+
+def test_an_abandoned_trial_is_retried_once_by_processes_racing_to_resume() -> None:
+    from hydra_plugins.retina_sweep_optuna.optuna_sweeper import give_back
+
+    storage = optuna.storages.InMemoryStorage()
+    first = optuna.create_study(study_name="s", storage=storage)
+    second = optuna.load_study(study_name="s", storage=storage)
+    trial = first.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    pruned = first.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    pruned.set_user_attr("pruned_at", 2)  # its job pruned it; the sweep died before its tell
+    assert give_back(first, trial.number, "test") and not give_back(second, trial.number, "test")
+    assert not give_back(second, pruned.number, "test")
+    states = [t.state for t in first.trials]
+    S = optuna.trial.TrialState
+    assert states == [S.FAIL, S.PRUNED, S.WAITING]  # one retry, and the pruned trial PRUNED
+    retry = first.trials[2]
+    assert retry.system_attrs["fixed_params"] == trial.params and retry.user_attrs["retry_of"] == 0
+
+
+@pytest.mark.parametrize(
+    "storage", ["nosuchdb://host/optuna", "sqlite:////nonexistent/dir/optuna.db", "optuna.db"]
+)
+def test_a_bad_storage_url_stops_the_sweep_naming_the_key(tmp_path: Path, storage: str) -> None:
+    # Before: a SQLAlchemy traceback (or an error message not naming the key), exit status 1.
+    proc = standin(tmp_path, "hydra.sweeper.n_trials=1", f"hydra.sweeper.storage={storage}")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2, out
+    assert f"[standin] stopped before any trial: hydra.sweeper.storage={storage}: " in out, out
+    assert "Traceback" not in out
+    assert not (tmp_path / "trials.log").exists()
+
+
+def test_a_relative_sqlite_storage_is_the_same_database_for_every_job(tmp_path: Path) -> None:
+    from hydra_plugins.retina_sweep_optuna.optuna_sweeper import absolute_storage
+
+    assert absolute_storage("sqlite:///o.db", cwd=tmp_path) == f"sqlite:///{tmp_path}/o.db"
+    assert absolute_storage("sqlite:////abs/o.db", cwd=tmp_path) == "sqlite:////abs/o.db"
+    assert absolute_storage("journal:o.log", cwd=tmp_path) == f"journal:{tmp_path}/o.log"
+    url = "postgresql+psycopg2://u@h/db"
+    assert absolute_storage(url, cwd=tmp_path) == url
+
+
+def test_resuming_a_study_in_the_other_direction_is_an_error(tmp_path: Path) -> None:
+    # Optuna's create_study(load_if_exists=True) keeps the stored direction and says nothing:
+    # `hydra.sweeper.direction=minimize` on a maximized study went on maximizing.
+    first = standin(tmp_path, "hydra.sweeper.n_trials=1")
+    assert first.communicate(timeout=300)[0] and first.returncode == 0
+    again = standin(tmp_path, "hydra.sweeper.n_trials=2", "hydra.sweeper.direction=minimize")
+    out, _ = again.communicate(timeout=300)
+    assert again.returncode == 2, out
+    assert (
+        "[standin] stopped before any trial: hydra.sweeper.direction=minimize: the study "
+        "'standin' in the storage maximizes"
+    ) in out, out
+    assert len(study(tmp_path).trials) == 1
+
+
+def test_a_trial_whose_heartbeat_stopped_on_another_machine_is_retried(tmp_path: Path) -> None:
+    """A process on another host cannot be checked: on a database storage, a RUNNING trial whose
+    sweeper stopped recording heartbeats (its machine died) is retried. It stayed RUNNING."""
+    import time
+    import warnings
+
+    from hydra_plugins.retina_sweep_optuna.optuna_sweeper import retry_abandoned_trials
+
+    url = f"sqlite:///{tmp_path}/o.db"
+    with warnings.catch_warnings():  # experimental; "supposed to be used with Study.optimize"
+        warnings.simplefilter("ignore")
+        storage = optuna.storages.RDBStorage(url, heartbeat_interval=1, grace_period=1)
+        s = optuna.create_study(study_name="s", storage=storage)
+        dist = {"x": optuna.distributions.FloatDistribution(0, 1)}
+        dead, old, alive = (s.ask(dist) for _ in range(3))
+    for n, trial in enumerate((dead, old, alive)):
+        trial.set_user_attr("sweeper_process", f"elsewhere:{n + 1}:1")
+    storage.record_heartbeat(dead._trial_id)  # then its machine died
+    # `old` never beat (a sweeper without heartbeats): it cannot be judged and is kept.
+    time.sleep(2.5)
+    storage.record_heartbeat(alive._trial_id)
+    assert retry_abandoned_trials(s) == [dead.number]
+    S = optuna.trial.TrialState
+    assert [t.state for t in s.trials] == [S.FAIL, S.RUNNING, S.RUNNING, S.WAITING]
+    assert "heartbeat" in s.trials[0].user_attrs["interrupted"]
+
+
+def test_the_sweeper_records_heartbeats_of_its_trials_on_a_database(tmp_path: Path) -> None:
+    import sqlite3
+
+    db = tmp_path / "o.db"
+    proc = standin(tmp_path, "hydra.sweeper.n_trials=2", f"hydra.sweeper.storage=sqlite:///{db}")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    with sqlite3.connect(db) as con:
+        beats = con.execute("SELECT COUNT(DISTINCT trial_id) FROM trial_heartbeats").fetchone()
+    assert beats == (2,)
+
+
+def test_telling_a_trial_another_process_already_retried_does_not_end_the_sweep() -> None:
+    from hydra.core.utils import JobReturn, JobStatus
+
+    from hydra_plugins.retina_sweep_optuna.optuna_sweeper import give_back
+
+    s = optuna.create_study(direction="maximize")
+    trial = s.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    assert give_back(s, trial.number, "its heartbeat stopped")  # as another process would
+    done = JobReturn(status=JobStatus.COMPLETED, _return_value=1.0)
+    assert RetinaOptunaSweeper()._tell(s, trial, done, "pruned_at").startswith("FAIL")
+    assert s.trials[trial.number].state == optuna.trial.TrialState.FAIL
+
+
+def test_a_job_whose_trial_was_retried_elsewhere_stops(tmp_path: Path) -> None:
+    # Its report raised UpdateFinishedTrialError and the job ended FAILED; stopping (as pruned)
+    # keeps it from training on beside its retry, into the same checkpoint directory.
+    from hydra_plugins.retina_sweep_optuna.optuna_sweeper import give_back
+    from retina_sweep.optuna_pruning import OptunaPruningCallback
+
+    spec = f"journal:{tmp_path}/j.log"
+    s = optuna.create_study(study_name="s", storage=make_storage(spec), direction="maximize")
+    trial = s.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    callback = OptunaPruningCallback(storage=spec, study_name="s", trial_number=trial.number)
+    assert callback.report(1, {"AP": 1.0}) is False
+    assert give_back(s, trial.number, "its heartbeat stopped")
+    assert callback.report(2, {"AP": 2.0}) is True
+    assert math.isnan(callback.pruned(2))
+    assert s.trials[trial.number].state == optuna.trial.TrialState.FAIL
+
+
+def test_the_mlflow_run_of_an_abandoned_trial_is_ended_killed(tmp_path: Path) -> None:
+    # A trial process killed with SIGKILL leaves its MLflow child RUNNING, tagged `running`
+    # (not a final outcome, so closing the parent left it RUNNING for ever).
+    from hydra_plugins.retina_sweep_optuna.optuna_sweeper import end_abandoned_runs
+    from retina_sweep.sweep import ParentRun
+    from retina_sweep.tracking import RunTracker, client
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    parent = ParentRun.open(
+        client(uri), "retina_sweep", name="s", table=None, shash="h", definition={}, kind="optuna"
+    )
+    runs = {}
+    for number in (1, 2):
+        tracker = RunTracker(uri=uri, parent_run_id=parent.run_id)
+        runs[number] = tracker.start(tags={"optuna_trial": number}, params={})
+    assert end_abandoned_runs(parent, 1, "gone") == [runs[1]]
+    mlf = MlflowClient(tracking_uri=uri)
+    killed, other = mlf.get_run(runs[1]), mlf.get_run(runs[2])
+    assert killed.info.status == "KILLED" and killed.data.tags["outcome"] == "killed"
+    assert killed.data.tags["error"] == "gone" and other.info.status == "RUNNING"
 
 
 class PruneAtFirstReport:
@@ -338,7 +611,7 @@ def test_a_trial_asked_past_the_budget_in_a_race_is_never_run(tmp_path: Path) ->
         optuna.trial.TrialState.COMPLETE,  # the other process's trial
         optuna.trial.TrialState.FAIL,  # ours: numbered 1 with a budget of 1
     ]
-    assert s.trials[1].user_attrs == {"over_budget": True}
+    assert s.trials[1].user_attrs["over_budget"] is True
     assert not (tmp_path / "trials.log").exists()  # nothing ran in this process
 
 
@@ -368,6 +641,48 @@ def test_a_bad_fixed_value_stops_an_optuna_sweep_before_the_study(tmp_path: Path
         proc.stderr
     )
     assert not (tmp_path / "sweeps" / "bad_study" / "optuna_journal.log").exists()
+
+
+@pytest.mark.parametrize(
+    ("space", "message"),
+    [
+        # An unknown key: Hydra refused it in the first trial's launch, which crashed the sweep
+        # with that trial left RUNNING.
+        ("loss.gamm=interval(0.0,3.0)", "hydra.sweeper.params: loss.gamm: not a key of the config"),
+        ("loss=choice(focal,nope)", "hydra.sweeper.params: loss: In 'config': Could not find"),
+        # A value the search would draw that retina_sweep rejects: every such trial failed.
+        ("loss.gamma=interval(-1.0,3.0)", "search space loss.gamma=interval(-1.0,3.0): invalid"),
+        (
+            "model.anchors.scales_per_octave=choice(0,1)",
+            "search space model.anchors.scales_per_octave=choice(0,1): invalid config value "
+            "model.anchors.scales_per_octave=0",
+        ),
+        # A distribution Optuna rejects: a traceback that did not name the key.
+        ("loss.gamma=tag(log,interval(0.0,3.0))", "hydra.sweeper.params: loss.gamma: "),
+        ("loss.gamma=interval(3.0,1.0)", "hydra.sweeper.params: loss.gamma: "),
+    ],
+)
+def test_a_bad_search_space_stops_an_optuna_sweep_naming_the_key(
+    tmp_path: Path, space: str, message: str
+) -> None:
+    cmd = _optuna_smoke(tmp_path, "tracking=none", "sweep.name=bad_space", space)
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"[bad_space] stopped before any trial: {message}" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "sweeps" / "bad_space" / "optuna_journal.log").exists()
+
+
+def test_the_grid_sweeper_refuses_an_interval_in_one_line(tmp_path: Path) -> None:
+    # An interval is an Optuna search: the grid sweeper said so in a traceback, exit status 1.
+    cmd = [sys.executable, "-m", "retina_sweep", "-m", "scale=smoke", "tracking=none"]
+    cmd += [f"paths.root={tmp_path}/sweeps", "loss.gamma=interval(0.0,3.0)"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.strip() == (
+        "[multirun] stopped before any trial: loss.gamma=interval(0.0,3.0): interval sweeps "
+        "need an optimiser (hydra/sweeper=optuna), not the grid sweeper"
+    )
 
 
 @pytest.mark.slow

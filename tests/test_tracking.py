@@ -8,7 +8,10 @@ import textwrap
 import time
 from pathlib import Path
 
-from retina_sweep.tracking import client
+import pytest
+
+from retina_sweep.config import ConfigError
+from retina_sweep.tracking import RunTracker, client
 
 _WORKER = textwrap.dedent(
     """
@@ -47,3 +50,12 @@ def test_runs_started_together_on_a_fresh_store_all_land(tmp_path: Path) -> None
         [client(uri).get_experiment_by_name("retina_sweep").experiment_id]
     )
     assert sorted(r.data.metrics["AP"] for r in runs) == [float(i) for i in range(n)]
+
+
+def test_a_deleted_experiment_is_a_clear_error(tmp_path: Path) -> None:
+    # MLflow refused the run with "The experiment 1 must be in the 'active' state".
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlf = client(uri)
+    mlf.delete_experiment(mlf.create_experiment("gone"))
+    with pytest.raises(ConfigError, match=r"tracking\.experiment=gone: .* deleted .* restore"):
+        RunTracker(uri=uri, experiment="gone").start(tags={}, params={})

@@ -78,7 +78,9 @@ class RetinaGridSweeper(Sweeper):
                 if override.is_discrete_sweep() or override.is_range_sweep():
                     sweeps[override.get_key_element()] = list(override.sweep_iterator())
                 else:
-                    raise ValueError(
+                    from retina_sweep.sweep import SweepError
+
+                    raise SweepError(
                         f"{override.input_line}: interval sweeps need an optimiser "
                         "(hydra/sweeper=optuna), not the grid sweeper"
                     )
@@ -118,7 +120,6 @@ class RetinaGridSweeper(Sweeper):
         from retina_sweep.tracking import client
 
         cfg = self.config
-        fixed_overrides, cli_sweeps = self._split_cli(arguments)
         spec = cfg.sweep
         name = spec.name or "multirun"
         grid = OmegaConf.to_container(spec.grid, resolve=True) if spec.grid else None
@@ -129,6 +130,7 @@ class RetinaGridSweeper(Sweeper):
         trial_cfgs = []
         # Nothing has been launched or logged yet: a bad value or file is one line and exit 2.
         with exit_on_bad_input(f"[{name}] stopped before any trial", SweepError):
+            fixed_overrides, cli_sweeps = self._split_cli(arguments)
             # A command-line value of a key the preset's grid sweeps replaces that axis (a fixed
             # one by its single value), so the grid does not overwrite it in every cell; one of
             # a key the rows set is an error naming it (docs/usage.md, Sweeps).
