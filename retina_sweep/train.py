@@ -620,10 +620,28 @@ def run(cfg: DictConfig) -> float:
     validate(cfg)
     pick_device(cfg.device)  # device=cuda without CUDA: stop before any data or model is made
     check_data_files(cfg)
-    if int(cfg.train.devices) > 1 and "LOCAL_RANK" not in os.environ:
-        from .distributed import launch
+    if "LOCAL_RANK" not in os.environ:
+        # One process at a time per cell: two sweeps that share cells (alpha and gamma share
+        # three), or two Optuna workers that drew the same point, would otherwise train into one
+        # checkpoint at once. The second waits, then resumes the first one's checkpoint (only
+        # evaluating it when it is finished). Held by the launching process, not the DDP ranks.
+        from .locks import exclusive
 
-        return launch(cfg)
+        lock = Path(cfg.paths.checkpoints) / config_hash(cfg) / ".lock"
+
+        def waiting() -> None:
+            log.info("another process is training this cell (%s); waiting for it", lock.parent)
+
+        with exclusive(lock, on_wait=waiting):
+            if int(cfg.train.devices) > 1:
+                from .distributed import launch
+
+                return launch(cfg)
+            return _run_here(cfg)
+    return _run_here(cfg)
+
+
+def _run_here(cfg: DictConfig) -> float:
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
