@@ -273,7 +273,36 @@ class ParentRun:
         definition: Mapping[str, Any],
         kind: str = "grid",
     ) -> ParentRun:
-        """Reuse the parent of the same sweep (same cells) if there is one, else create it."""
+        """Reuse the parent of the same sweep (same cells) if there is one, else create it.
+
+        The look-up and the creation hold the store's `parents` lock: Optuna workers started
+        together on one study each found no parent and created their own.
+        """
+        from .tracking import store_lock
+
+        with store_lock(mlf.tracking_uri, "parents"):
+            return cls._open(
+                mlf,
+                experiment,
+                name=name,
+                table=table,
+                shash=shash,
+                definition=definition,
+                kind=kind,
+            )
+
+    @classmethod
+    def _open(
+        cls,
+        mlf,
+        experiment: str,
+        *,
+        name: str | None,
+        table: str | None,
+        shash: str,
+        definition: Mapping[str, Any],
+        kind: str,
+    ) -> ParentRun:
         from .tracking import experiment_id, git_commit, retry
 
         exp_id = retry(lambda: experiment_id(mlf, experiment))

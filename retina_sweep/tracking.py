@@ -15,6 +15,7 @@ Conventions that the sweeper and the report rely on:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
@@ -81,6 +82,17 @@ def client(uri: str | None = None):
         mlf = MlflowClient(tracking_uri=uri)  # its store creates or upgrades the schema
         mlf.search_experiments(max_results=1)  # (lazily in some MLflow versions: force it)
     return mlf
+
+
+def store_lock(uri: str | None, name: str):
+    """An inter-process lock named `name` for a read-then-write on the store `uri`: a file lock
+    beside a SQLite database (the processes of one machine, which is where a SQLite store is
+    shared), none for a tracking server."""
+    uri = resolve_uri(uri)
+    if not uri.startswith("sqlite:///"):
+        return contextlib.nullcontext()
+    db = Path(uri[len("sqlite:///") :])
+    return exclusive(db.with_name(f".{db.name}.{name}.lock"))
 
 
 def artifact_root(uri: str) -> str | None:

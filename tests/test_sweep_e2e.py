@@ -451,3 +451,46 @@ def test_a_relaunch_that_finishes_a_failed_cell_logs_no_failed_cell(tmp_path: Pa
     metrics = mlf.get_run(parent).data.metrics
     assert metrics["n_failed"] == 0 and metrics["n_finished"] == 1
     assert metrics["n_completed"] == 1 and metrics["n_runs"] == 2
+
+
+def test_sweepers_started_together_share_one_parent_run(tmp_path: Path) -> None:
+    """Two sweeper processes of one sweep (Optuna workers on a shared study) open its parent at
+    the same moment: the look-up and the creation are one step under the store's lock, so the
+    second finds the first one's parent. The look-up is slowed here so that, without the lock,
+    both would look before either created (two parents: the test failed so)."""
+    import threading
+    import time
+
+    from retina_sweep.sweep import ParentRun
+    from retina_sweep.tracking import client
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    ids: list[str] = []
+    barrier = threading.Barrier(2)
+
+    def worker() -> None:
+        mlf = client(uri)
+        search = mlf.search_runs
+
+        def slow_search(*args, **kwargs):
+            found = search(*args, **kwargs)
+            time.sleep(0.5)
+            return found
+
+        mlf.search_runs = slow_search
+        barrier.wait()
+        parent = ParentRun.open(
+            mlf, "retina_sweep", name="s", table=None, shash="h", definition={}, kind="optuna"
+        )
+        ids.append(parent.run_id)
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert len(ids) == 2 and ids[0] == ids[1]
+    mlf = client(uri)
+    exp = mlf.get_experiment_by_name("retina_sweep")
+    parents = mlf.search_runs([exp.experiment_id], filter_string="tags.is_parent = 'true'")
+    assert len(parents) == 1
