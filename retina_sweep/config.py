@@ -123,10 +123,13 @@ def _fractions(v: Any) -> bool:
 
 
 STRATEGY_NAMES = ("focal", "ohem", "ohem_1to3", "random_1to3")
+# The final metrics of a run (train.FINAL_KEYS), any of which it can return as its objective.
+OBJECTIVES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100", "ms_per_image")
 
 RULES: list[Rule] = [
     Rule("seed", _int(0), "an integer >= 0"),
     Rule("device", _one_of("auto", "cpu", "cuda"), "one of auto, cpu, cuda"),
+    Rule("objective", _one_of(*OBJECTIVES), "one of " + ", ".join(OBJECTIVES), True),
     Rule("loss.name", _one_of(*STRATEGY_NAMES), "one of " + ", ".join(STRATEGY_NAMES)),
     Rule("loss.alpha", _alpha, "a number in [0, 1], or < 0 for no balancing", optional=True),
     Rule("loss.gamma", _num(0), "a number >= 0", optional=True),

@@ -32,7 +32,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from .config import ConfigError, config_hash, validate
+from .config import OBJECTIVES, ConfigError, config_hash, validate
 from .signals import terminate_as_interrupt
 from .tracking import RunTracker, config_params, tracker_from_config
 
@@ -608,11 +608,12 @@ def _is_num(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
 
 
-FINAL_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100", "ms_per_image")
+FINAL_KEYS = OBJECTIVES  # the final metrics logged (and the values a run can return)
 
 
 def run(cfg: DictConfig) -> float:
-    """Validate, track and train one config; returns the final AP (nan if it diverged).
+    """Validate, track and train one config; returns the final AP, or the final metric named by
+    `objective` (nan if it diverged).
 
     With `train.devices > 1` (and not already inside a worker) the work is spawned over that many
     processes by `retina_sweep.distributed.launch`.
@@ -729,10 +730,10 @@ def _run_worker(cfg: DictConfig, *, rank: int, world_size: int, local_rank: int)
     if "summary" in metrics and tracker.run_id:
         tracker.log_text(str(metrics["summary"]), "eval/coco_summary.txt")
     tracker.finish("completed")
-    ap = float(final.get("AP", math.nan))
     if rank == 0:
         log.info("final COCO metrics: %s", ", ".join(f"{k}={v:.2f}" for k, v in final.items()))
-    return ap
+    # What a sweeper optimises: the final AP unless `objective` names another final metric.
+    return float(final.get(cfg.get("objective") or "AP", math.nan))
 
 
 def _hydra_overrides() -> list[str] | None:

@@ -673,6 +673,17 @@ def test_a_bad_search_space_stops_an_optuna_sweep_naming_the_key(
     assert not (tmp_path / "sweeps" / "bad_space" / "optuna_journal.log").exists()
 
 
+def test_a_metric_that_is_not_a_final_metric_stops_the_study(tmp_path: Path) -> None:
+    cmd = _optuna_smoke(tmp_path, "tracking=none", "sweep.name=bad_metric")
+    cmd += ["hydra.sweeper.metric=loss", "loss.gamma=interval(0.0,3.0)"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert (
+        "[bad_metric] stopped before any trial: invalid config value hydra.sweeper.metric='loss'"
+        in proc.stderr
+    ), proc.stderr
+
+
 def test_the_grid_sweeper_refuses_an_interval_in_one_line(tmp_path: Path) -> None:
     # An interval is an Optuna search: the grid sweeper said so in a traceback, exit status 1.
     cmd = [sys.executable, "-m", "retina_sweep", "-m", "scale=smoke", "tracking=none"]
@@ -692,6 +703,10 @@ def test_optuna_sweep_of_real_trials_matches_mlflow(tmp_path: Path) -> None:
         f"tracking.uri=sqlite:///{tmp_path}/m.db",
         "sweep.name=tpe_smoke",
         "hydra.sweeper.n_trials=3",
+        # The study's objective is its metric's final value: here the inference time, whose
+        # values are real at smoke scale (the smoke trials' AP is 0), minimised.
+        "hydra.sweeper.metric=ms_per_image",
+        "hydra.sweeper.direction=minimize",
         "loss.gamma=interval(0.0,3.0)",
     )
     proc = subprocess.run(
@@ -721,9 +736,10 @@ def test_optuna_sweep_of_real_trials_matches_mlflow(tmp_path: Path) -> None:
         assert float(by_trial[t.number].data.params["loss.gamma"]) == pytest.approx(
             t.params["loss.gamma"]
         )
-        assert by_trial[t.number].data.metrics["AP"] == pytest.approx(t.value)
-    best = max(kids, key=lambda k: k.data.metrics["AP"])
-    assert s.best_value == pytest.approx(best.data.metrics["AP"])
+        assert by_trial[t.number].data.metrics["ms_per_image"] == pytest.approx(t.value)
+        assert t.value > 0
+    best = min(kids, key=lambda k: k.data.metrics["ms_per_image"])
+    assert s.best_value == pytest.approx(best.data.metrics["ms_per_image"])
     # The parent records the study's definition as plain JSON (the report shows it).
     local = mlf.download_artifacts(parent[0].info.run_id, "sweep/definition.json", str(tmp_path))
     definition = json.loads(Path(local).read_text())

@@ -415,3 +415,17 @@ def test_a_second_process_waits_for_the_cell_another_one_trains(tmp_path: Path) 
     _, runs = only_run(tmp_path)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert torch.load(lock.parent / "last.pt", weights_only=True)["iteration"] == 4
+
+
+def test_a_run_returns_the_final_metric_its_objective_names(tmp_path: Path, monkeypatch) -> None:
+    """What a sweeper optimises: the final AP by default, another final metric when `objective`
+    names it (the Optuna sweeper sets it to its hydra.sweeper.metric)."""
+    from retina_sweep.config import ConfigError, validate
+
+    final = {"AP": 30.0, "AP50": 50.0, "ms_per_image": 12.5, "summary": "s"}
+    monkeypatch.setattr(train_mod, "train", lambda cfg, **kw: dict(final))
+    assert run(smoke_cfg(tmp_path)) == 30.0
+    assert run(smoke_cfg(tmp_path, "objective=AP50")) == 50.0
+    assert run(smoke_cfg(tmp_path, "objective=ms_per_image")) == 12.5
+    with pytest.raises(ConfigError, match=r"objective='loss'.*one of AP, AP50"):
+        validate(smoke_cfg(tmp_path, "objective=loss"))

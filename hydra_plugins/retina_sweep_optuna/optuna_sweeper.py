@@ -744,8 +744,13 @@ class RetinaOptunaSweeper(Sweeper):
         is made, or a COCO root checked, once the storage has opened.)"""
         if not self._retina():
             return  # not retina_sweep's config (the tests' stand-in app): nothing to check
-        from retina_sweep.config import validate
+        from retina_sweep.config import OBJECTIVES, ConfigError, validate
 
+        if self.opts.metric not in OBJECTIVES:
+            raise ConfigError(
+                f"invalid config value hydra.sweeper.metric={self.opts.metric!r}: the study's "
+                f"objective is a final metric of the trials, one of {', '.join(OBJECTIVES)}"
+            )
         validate(self._compose(fixed))
 
     def _sweep(self, arguments: list[str]) -> Any:
@@ -886,6 +891,9 @@ class RetinaOptunaSweeper(Sweeper):
                         f"pruner_args:{format_value(self.pruner_args)}}}"
                     )
                     extra = [pruning, f"+extra_tags.optuna_trial={trial.number}"]
+                    if self._retina():
+                        # The trial returns the study's metric (its final value) as objective.
+                        extra.append(f"objective={self.opts.metric}")
                     extra.append(f"sweep.cell={format_value(label)}")
                     if parent is not None:
                         extra.append(f"tracking.parent_run_id={parent.run_id}")
