@@ -119,6 +119,12 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
     device = pick_device(cfg.device)
     check_data_files(cfg)
     path = checkpoint_path(cfg)
+    if not path.is_file() and not OmegaConf.select(cfg, "eval.checkpoint", default=None):
+        raise ConfigError(
+            f"missing checkpoint {path}: this config's cell ({config_hash(cfg)}) has not been "
+            "trained here (python -m retina_sweep with the same overrides trains it), or give "
+            "eval.checkpoint=PATH"
+        )
     if cfg.train.get("threads"):
         torch.set_num_threads(int(cfg.train.threads))
 

@@ -130,7 +130,7 @@ def test_a_bare_state_dict_loads_and_wrong_weights_are_refused(tmp_path: Path) -
 
 def test_a_missing_checkpoint_is_one_line_and_exit_status_2(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path, "tracking.enabled=false")
-    with pytest.raises(ConfigError, match=rf"missing checkpoint .*{config_hash(cfg)}/last\.pt"):
+    with pytest.raises(ConfigError, match=rf"{config_hash(cfg)}/last\.pt: this config.s cell"):
         evaluate_checkpoint(cfg)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
