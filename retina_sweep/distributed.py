@@ -4,8 +4,10 @@
 `torch.distributed.launcher.api.elastic_launch` on this machine: NCCL on CUDA (one GPU per
 process), gloo on CPU. Each worker initialises the process group and calls
 `retina_sweep.train.run_worker`; the global batch `train.batch_size` is split evenly among the
-ranks (the config validation insists it divides), only rank 0 logs to MLflow, writes checkpoints
-and runs the COCO evaluation, and the final AP of rank 0 is returned.
+ranks (the config validation insists it divides). Every rank infers its shard of the val split
+at each evaluation; rank 0 gathers the detections and runs COCOeval on them
+(`retina_sweep.evaluation.evaluate`). Only rank 0 logs to MLflow and writes checkpoints, and the
+final AP of rank 0 is returned.
 
 When a worker fails (an exception, or killed by a signal), the agent stops the others and
 `launch` raises torch's `ChildFailedError`, whose report names the first failure and its
@@ -48,10 +50,11 @@ def collective_timeout() -> datetime.timedelta:
     """How long a rank waits in a collective for the others: `$RETINA_SWEEP_DIST_TIMEOUT_MIN`
     minutes, 180 by default.
 
-    Rank 0 alone evaluates, periodically and at the end, while the other ranks wait for it in a
-    collective (the pruning decision's broadcast, the final barrier). torch's defaults, 30 min for
-    gloo and 10 min for NCCL, are shorter than a full COCO val evaluation may take at paper scale
-    (a slow or shared machine, a periodic evaluation without `train.eval_max_images`): the waiting
+    Every rank infers its shard of an evaluation, periodically and at the end, then waits in a
+    collective (the gather of the detections, the pruning decision's broadcast, the final
+    barrier) for the slowest shard and for rank 0's COCOeval of the union. torch's defaults, 30
+    min for gloo and 10 min for NCCL, may be shorter than that at paper scale (a slow or shared
+    machine, uneven shards, a periodic evaluation without `train.eval_max_images`): the waiting
     ranks would time out and fail a healthy run at its end. A generous limit costs little: a
     crashed worker does not wait for it (the elastic agent sees the process end and stops the
     others within a second); only a real deadlock does. An environment variable, not a config

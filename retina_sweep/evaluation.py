@@ -17,6 +17,7 @@ import json
 import math
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,17 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-__all__ = ["coco_evaluate", "evaluate", "to_coco_results", "STAT_NAMES"]
+__all__ = [
+    "coco_evaluate",
+    "evaluate",
+    "infer",
+    "Inference",
+    "mean_ms_per_image",
+    "merge_shards",
+    "shard_max_images",
+    "to_coco_results",
+    "STAT_NAMES",
+]
 
 # Order of COCOeval.stats for iouType "bbox".
 STAT_NAMES: tuple[str, ...] = (
@@ -189,7 +200,131 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def shard_max_images(max_images: int | None, rank: int, world_size: int) -> int | None:
+    """How many of its images rank `rank` infers when `max_images` caps a sharded evaluation.
+
+    `ShardSampler` gives rank r the items r, r + world_size, ... of the split, in order; the
+    first `max_images` items of the split (what one process evaluates) are then the first
+    `len(range(r, max_images, world_size))` items of each rank's shard (0 for a rank beyond the
+    cap). None (no cap) stays None.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+    if max_images is None:
+        return None
+    return len(range(rank, int(max_images), world_size))
+
+
+def merge_shards(shards: Sequence[Sequence[Any]]) -> list[Any]:
+    """Per-rank lists of items in `ShardSampler` order -> the items in the split's order.
+
+    Rank r's k-th item is item r + k * world_size of the split: reading the shards round-robin
+    (item k of rank 0, of rank 1, ...) rebuilds the order one process would have seen.
+    """
+    merged: list[Any] = []
+    longest = max((len(s) for s in shards), default=0)
+    for k in range(longest):
+        for shard in shards:
+            if k < len(shard):
+                merged.append(shard[k])
+    return merged
+
+
+@dataclass
+class Inference:
+    """One process's pass over its loader: per image `(image_id, detections)` in loader order,
+    and the forward timing (seconds and images of the first batch, and of the others)."""
+
+    images: list[tuple[int, list[dict[str, Any]]]] = field(default_factory=list)
+    first_s: float = 0.0
+    first_images: int = 0
+    timed_s: float = 0.0
+    timed_images: int = 0
+
+    def ms_per_image(self) -> float | None:
+        """The forward time per image without the warm-up batch (or of the warm-up batch when
+        it was the only one); None when no image was run."""
+        if self.timed_images:
+            return 1000.0 * self.timed_s / self.timed_images
+        if self.first_images:
+            return 1000.0 * self.first_s / self.first_images
+        return None
+
+
+def mean_ms_per_image(parts: Sequence[Inference]) -> float | None:
+    """The mean of the ranks' `ms_per_image` (each timed on its own shard, without its own
+    warm-up batch), leaving out ranks that ran no image; None when none did."""
+    per_rank = [m for m in (p.ms_per_image() for p in parts) if m is not None]
+    return sum(per_rank) / len(per_rank) if per_rank else None
+
+
 @torch.inference_mode()
+def infer(
+    model: torch.nn.Module,
+    loader: Iterable,
+    dataset: Any,
+    device: torch.device | str,
+    *,
+    max_images: int | None = None,
+) -> Inference:
+    """Run the detector over the first `max_images` images of `loader` (all: None; none: 0),
+    in this process only. See `evaluate` for the arguments and the timing."""
+    device = torch.device(device)
+    cat_lookup = torch.tensor(
+        [dataset.label_to_cat_id[i] for i in range(len(dataset.label_to_cat_id))],
+        dtype=torch.long,
+    )
+    was_training = model.training
+    model.eval()
+    out = Inference()
+    try:
+        for batch_index, (images, targets, image_sizes) in enumerate(loader):
+            if max_images is not None and len(out.images) >= max_images:
+                break
+            images = images.to(device, non_blocking=True)
+            _sync(device)
+            t0 = time.perf_counter()
+            outputs = model(images, image_sizes=image_sizes)
+            _sync(device)
+            elapsed = time.perf_counter() - t0
+            if batch_index == 0:
+                out.first_s, out.first_images = elapsed, len(images)
+            else:
+                out.timed_s += elapsed
+                out.timed_images += len(images)
+            for output, target, size in zip(outputs, targets, image_sizes, strict=True):
+                if max_images is not None and len(out.images) >= max_images:
+                    break
+                dets = to_coco_results(
+                    output,
+                    image_id=target["image_id"],
+                    scale_factor=target["scale_factor"],
+                    orig_size=tuple(target["orig_size"]),
+                    label_to_cat_id=cat_lookup,
+                    image_size=tuple(size),
+                )
+                out.images.append((int(target["image_id"]), dets))
+    finally:
+        model.train(was_training)
+    return out
+
+
+def _check_sharded(loader: Any, rank: int, world_size: int) -> None:
+    from .data.loader import ShardSampler
+
+    sampler = getattr(loader, "sampler", None)
+    if not (
+        isinstance(sampler, ShardSampler)
+        and sampler.rank == rank
+        and sampler.world_size == world_size
+    ):
+        raise ValueError(
+            "evaluate(distributed=True) needs a loader sharded by ShardSampler over this "
+            f"process group (rank {rank} of {world_size}): build_loader(..., train=False, "
+            f"distributed=True); got sampler {sampler!r}"
+        )
+
+
 def evaluate(
     model: torch.nn.Module,
     loader: Iterable,
@@ -199,7 +334,8 @@ def evaluate(
     max_images: int | None = None,
     results_file: str | Path | None = None,
     quiet: bool = True,
-) -> dict[str, Any]:
+    distributed: bool = False,
+) -> dict[str, Any] | None:
     """Run the detector over `loader`, evaluate with COCOeval, time the inference.
 
     Args:
@@ -213,59 +349,60 @@ def evaluate(
         max_images: stop after this many images and evaluate on those only.
         results_file: also write the COCO results JSON there.
         quiet: swallow pycocotools' prints.
+        distributed: a sharded evaluation over the initialised process group, called by every
+            rank with the same model: `loader` must be `build_loader(..., train=False,
+            distributed=True)` (`ShardSampler`: rank r gets images r, r + N, ... of the split).
+            Each rank infers its shard, the detections are gathered to rank 0
+            (`gather_object`), which runs COCOeval on their union, writes `results_file` and
+            returns the metrics; the other ranks return None. `max_images` still means the first
+            `max_images` images of the split, so each rank infers only its images among them
+            (`shard_max_images`), and the metrics, detections and results file are those of one
+            process over the unsharded loader. With a world of one process it is the plain
+            evaluation.
 
     Returns:
-        `coco_evaluate`'s metrics plus `ms_per_image`, `num_images`, `num_detections`.
+        `coco_evaluate`'s metrics plus `ms_per_image`, `num_images`, `num_detections` (None on
+        ranks other than 0 of a distributed evaluation).
         `ms_per_image` is the paper's inference time: model forward and post-processing
         (score threshold, top-k, NMS, all inside the model), with the host-to-device copy and
         data loading excluded, and the first batch excluded as warm-up (lazy initialisation,
         cuDNN autotuning, allocator growth), unless it is the only batch. On CUDA the clock is
-        read after `torch.cuda.synchronize`.
+        read after `torch.cuda.synchronize`. In a distributed evaluation each rank times its
+        own shard that way (its own first batch is its warm-up) and `ms_per_image` is the mean
+        of the ranks' per-image times (ranks that ran no image left out): the latency of one
+        device with the per-rank batch, comparable to a single process's, not the wall time of
+        the whole evaluation divided by the images (which would shrink with the number of
+        ranks).
     """
-    device = torch.device(device)
     if max_images is not None and max_images < 1:
         raise ValueError(f"max_images must be >= 1 or None, got {max_images}")
-    cat_lookup = torch.tensor(
-        [dataset.label_to_cat_id[i] for i in range(len(dataset.label_to_cat_id))],
-        dtype=torch.long,
-    )
-    was_training = model.training
-    model.eval()
-    detections: list[dict[str, Any]] = []
-    img_ids: list[int] = []
-    timed_s, timed_images = 0.0, 0
-    first_s, first_images = 0.0, 0
-    try:
-        for batch_index, (images, targets, image_sizes) in enumerate(loader):
-            if max_images is not None and len(img_ids) >= max_images:
-                break
-            images = images.to(device, non_blocking=True)
-            _sync(device)
-            t0 = time.perf_counter()
-            outputs = model(images, image_sizes=image_sizes)
-            _sync(device)
-            elapsed = time.perf_counter() - t0
-            if batch_index == 0:
-                first_s, first_images = elapsed, len(images)
-            else:
-                timed_s, timed_images = timed_s + elapsed, timed_images + len(images)
-            for output, target, size in zip(outputs, targets, image_sizes, strict=True):
-                if max_images is not None and len(img_ids) >= max_images:
-                    break
-                img_ids.append(int(target["image_id"]))
-                detections.extend(
-                    to_coco_results(
-                        output,
-                        image_id=target["image_id"],
-                        scale_factor=target["scale_factor"],
-                        orig_size=tuple(target["orig_size"]),
-                        label_to_cat_id=cat_lookup,
-                        image_size=tuple(size),
-                    )
-                )
-    finally:
-        model.train(was_training)
+    rank, world_size = 0, 1
+    if distributed:
+        rank = torch.distributed.get_rank()
+        world_size = torch.distributed.get_world_size()
+    if world_size == 1:
+        result = infer(model, loader, dataset, device, max_images=max_images)
+        images = result.images
+        ms = result.ms_per_image()
+    else:
+        _check_sharded(loader, rank, world_size)
+        local = infer(
+            model,
+            loader,
+            dataset,
+            device,
+            max_images=shard_max_images(max_images, rank, world_size),
+        )
+        gathered: list[Any] | None = [None] * world_size if rank == 0 else None
+        torch.distributed.gather_object(local, gathered, dst=0)
+        if rank != 0:
+            return None
+        assert gathered is not None
+        images = merge_shards([g.images for g in gathered])
+        ms = mean_ms_per_image(gathered)
 
+    detections = [d for _, dets in images for d in dets]
+    img_ids = [image_id for image_id, _ in images]
     if results_file is not None:
         path = Path(results_file)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -274,10 +411,6 @@ def evaluate(
     if not img_ids:
         raise ValueError("evaluate: the loader yielded no images")
     metrics = coco_evaluate(dataset.coco, detections, img_ids=img_ids, quiet=quiet)
-    if timed_images:
-        ms = 1000.0 * timed_s / timed_images
-    else:  # a single batch: the warm-up batch is all there is
-        ms = 1000.0 * first_s / max(first_images, 1)
     metrics["ms_per_image"] = ms
     metrics["num_images"] = len(img_ids)
     metrics["num_detections"] = len(detections)

@@ -342,11 +342,14 @@ def train(
         seed=int(cfg.seed),
         size_divisible=data.size_divisible,
     )
+    # Evaluation is sharded too: rank r infers images r, r + N, ... of the val split
+    # (`ShardSampler`), rank 0 gathers the detections and runs COCOeval (`evaluate`).
     val_loader = build_loader(
         data.val,
         batch_size=max(1, per_rank_batch),
         train=False,
         num_workers=int(tcfg.num_workers),
+        distributed=distributed,
         size_divisible=data.size_divisible,
     )
 
@@ -450,10 +453,24 @@ def train(
         )
 
     def run_eval(max_images: int | None) -> dict[str, float] | None:
-        if rank != 0:
-            return None
+        """Every rank infers its shard of the val split; rank 0 gets the metrics of the
+        whole (the first `max_images` images, as one process), the others None."""
         tic = time.perf_counter()
-        metrics = evaluate(raw_model, val_loader, data.val, device, max_images=max_images)
+        if distributed:
+            # The ranks' weights are equal (DDP averages the gradients), but each rank updated
+            # its own BatchNorm running statistics in its last training forward (DDP only
+            # broadcasts rank 0's buffers at the start of the next one): every shard is run with
+            # rank 0's, the model that is checkpointed.
+            for buffer in raw_model.buffers():
+                torch.distributed.broadcast(buffer, src=0)
+        metrics = evaluate(
+            raw_model,
+            val_loader,
+            data.val,
+            device,
+            max_images=max_images,
+            distributed=distributed,
+        )
         model.train()
         timings["eval"] += time.perf_counter() - tic
         return metrics
@@ -560,8 +577,8 @@ def train(
                     except TrialPruned:
                         pruned = True
             if distributed:
-                # Rank 0 evaluates and decides; the broadcast also holds the other ranks until
-                # it has (as the barrier did), and they all stop together when pruned.
+                # Rank 0 computes the metrics and decides; the broadcast also holds the other
+                # ranks until it has, and they all stop together when pruned.
                 flag = torch.tensor([int(pruned)], dtype=torch.int32, device=device)
                 torch.distributed.broadcast(flag, src=0)
                 pruned = bool(flag.item())
@@ -681,8 +698,9 @@ def _run_worker(cfg: DictConfig, *, rank: int, world_size: int, local_rank: int)
         if overrides is not None:
             tracker.log_text("\n".join(overrides) + "\n", "config/overrides.txt")
 
-    # Only rank 0 evaluates, so only it asks the pruner (its decision is broadcast in `train`):
-    # the other ranks do not open the study (a storage connection each, for nothing).
+    # Every rank infers its shard of each evaluation, but only rank 0 gets the metrics, so only it
+    # asks the pruner (its decision is broadcast in `train`): the other ranks do not open the
+    # study (a storage connection each, for nothing).
     pruner = build_pruner(cfg) if rank == 0 else None
 
     def on_eval(step: int, metrics: dict[str, float]) -> None:
@@ -725,13 +743,16 @@ def _run_worker(cfg: DictConfig, *, rank: int, world_size: int, local_rank: int)
         raise
 
     final = {k: metrics[k] for k in FINAL_KEYS if k in metrics}
+    # What the final metrics were computed on (the whole val split, every rank's shard of it).
+    final |= {k: metrics[k] for k in ("num_images", "num_detections") if k in metrics}
     final["time_total_s"] = time.perf_counter() - t_start
     tracker.log_metrics(final, step=int(cfg.train.iterations))
     if "summary" in metrics and tracker.run_id:
         tracker.log_text(str(metrics["summary"]), "eval/coco_summary.txt")
     tracker.finish("completed")
     if rank == 0:
-        log.info("final COCO metrics: %s", ", ".join(f"{k}={v:.2f}" for k, v in final.items()))
+        shown = (f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in final.items())
+        log.info("final COCO metrics: %s", ", ".join(shown))
     # What a sweeper optimises: the final AP unless `objective` names another final metric.
     return float(final.get(cfg.get("objective") or "AP", math.nan))
 

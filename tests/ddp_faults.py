@@ -8,7 +8,10 @@ each worker (tests/ must be on the workers' PYTHONPATH, which `run_with_deadline
   number `fault_call` (counted from 1) on rank `fault_rank` returns a NaN loss (`fault=nonfinite`) or
   raises (`fault=raise`, a stand-in for a data error on one rank only);
 - `PruneAt` (as `pruning._target_`): a pruner that asks to stop at the first evaluation at or
-  after `step`, and writes down on which ranks it was built, asked and told.
+  after `step`, and writes down on which ranks it was built, asked and told;
+- `recording_model` (as `model._target_`): the detector, which writes down each inference
+  forward (eval mode) with its rank and a checksum of each image it was given, to see which rank
+  inferred which images.
 """
 
 from __future__ import annotations
@@ -89,6 +92,27 @@ class PruneAt:
     def pruned(self, step: int) -> float:
         self._write("pruned", step)
         return math.nan
+
+
+def recording_model(*, record: str, **kw: Any):
+    """`retina_sweep.builders.build_model(**kw)` that appends a JSON line `{"rank", "images":
+    [checksum of each unpadded image]}` to `record` at each forward in eval mode."""
+    from retina_sweep.builders import build_model
+
+    model = build_model(**kw)
+
+    def hook(module: Any, args: tuple, kwargs: dict) -> None:
+        if module.training:
+            return
+        images, sizes = args[0], kwargs["image_sizes"]
+        sums = [
+            round(float(im[:, :h, :w].sum()), 3) for im, (h, w) in zip(images, sizes, strict=True)
+        ]
+        with open(record, "a") as f:
+            f.write(json.dumps({"rank": _rank(), "images": sums}) + "\n")
+
+    model.register_forward_pre_hook(hook, with_kwargs=True)
+    return model
 
 
 def read_log(path: Path) -> list[dict[str, Any]]:

@@ -17,7 +17,8 @@ from mlflow.tracking import MlflowClient
 
 from retina_sweep import distributed
 from retina_sweep.config import config_hash
-from retina_sweep.data.loader import EpochShuffleSampler, GlobalBatchShardSampler
+from retina_sweep.data.loader import EpochShuffleSampler, GlobalBatchShardSampler, ShardSampler
+from retina_sweep.evaluation import Inference, mean_ms_per_image, merge_shards, shard_max_images
 from retina_sweep.train import run
 
 
@@ -196,7 +197,7 @@ def test_nonfinite_loss_on_one_rank_ends_the_run_diverged(tmp_path: Path) -> Non
 
 @pytest.mark.slow
 def test_rank0_pruning_stops_every_rank(tmp_path: Path) -> None:
-    """The pruner runs on rank 0 (the only one that evaluates); its decision is broadcast, so
+    """The pruner runs on rank 0 (the only one with the metrics); its decision is broadcast, so
     rank 1 stops at the same step instead of waiting in DDP's next all-reduce."""
     log = tmp_path / "pruner.jsonl"
     overrides = _fault_overrides(
@@ -246,8 +247,137 @@ def test_a_crash_on_one_rank_fails_the_launch_and_the_run(tmp_path: Path) -> Non
     )
 
 
+# ---------------------------------------------------------------------------------------------
+# Sharded evaluation: every rank infers its shard of the val split, rank 0 evaluates the union.
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+@pytest.mark.parametrize("cap", [None, 1, 2, 5, 8, 13])
+def test_capped_shards_union_to_the_first_images_in_order(world_size: int, cap) -> None:
+    """Rank r infers the first `shard_max_images(cap, r, N)` images of its `ShardSampler` shard:
+    together exactly the first `cap` images of the split, and `merge_shards` puts them back in
+    the order one process sees them."""
+    data = list(range(11))
+    shards = [
+        list(ShardSampler(data, rank=r, world_size=world_size))[
+            : shard_max_images(cap, r, world_size)
+        ]
+        for r in range(world_size)
+    ]
+    assert merge_shards(shards) == data[:cap]
+    assert shard_max_images(None, 0, world_size) is None
+    with pytest.raises(ValueError, match="rank"):
+        shard_max_images(cap, world_size, world_size)
+
+
+def test_sharded_ms_per_image_is_the_mean_of_the_ranks_per_image_times() -> None:
+    """Each rank's time per image leaves out its own first (warm-up) batch unless that is all it
+    ran; a rank with no image (beyond a small cap) is left out of the mean."""
+    warm = Inference(first_s=1.0, first_images=2, timed_s=0.3, timed_images=3)  # 100 ms
+    only_warmup = Inference(first_s=0.6, first_images=2)  # 300 ms
+    idle = Inference()
+    assert warm.ms_per_image() == pytest.approx(100.0)
+    assert idle.ms_per_image() is None
+    assert mean_ms_per_image([warm, only_warmup, idle]) == pytest.approx(200.0)
+    assert mean_ms_per_image([idle, idle]) is None
+
+
+def _eval_overrides(tmp_path: Path, devices: int) -> list[str]:
+    return [
+        "scale=smoke",
+        # the detector, writing down which rank runs which images (ddp_faults.recording_model)
+        "model._target_=ddp_faults.recording_model",
+        f"+model.record={tmp_path}/forwards.jsonl",
+        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+        f"paths.root={tmp_path}/sweeps",
+        f"data.cache_dir={tmp_path}/cache",
+        f"train.devices={devices}",
+        "train.iterations=3",
+        "train.warmup_iters=0",
+        # Steps too small to move a weight: two processes train to weights equal to 1e-4 (their
+        # partial sums round differently), and detections scored ~0.01 apart by so little are
+        # ranked differently by COCOeval. With the same weights, the evaluations must agree
+        # exactly.
+        "train.lr=1e-30",
+        "train.checkpoint_every=0",
+        "train.threads=1",
+        "train.cpu_amp=false",
+        "model.backbone.norm=gn",
+        "data.flip_prob=0.0",
+        # every candidate box is kept (up to the detections per image): after 3 iterations no
+        # score reaches the default 0.05, and metrics over no detections would compare nothing
+        "model.inference.score_thresh=0.0",
+        # periodic evaluations at steps 1 and 2 on the first 5 of the 8 val images: rank 0 of
+        # two infers images 0, 2, 4 and rank 1 images 1, 3
+        "train.eval_every=1",
+        "train.eval_max_images=5",
+    ]
+
+
+def _val_metrics(tmp_path: Path) -> tuple[dict[str, float], dict[str, list[tuple[int, float]]]]:
+    """The final metrics of the only run, and the history of each periodic `val_*` metric."""
+    mlf, runs = _runs(tmp_path)
+    assert len(runs) == 1
+    r = runs[0]
+    assert r.data.tags["outcome"] == "completed"
+    history = {
+        k: [(m.step, m.value) for m in mlf.get_metric_history(r.info.run_id, k)]
+        for k in r.data.metrics
+        if k.startswith("val_")
+    }
+    return r.data.metrics, history
+
+
+@pytest.mark.slow
+def test_sharded_evaluation_equals_one_process(tmp_path: Path) -> None:
+    """Two gloo workers each infer their half of the val split (capped by train.eval_max_images
+    to their images among the 5 that one process evaluates) and rank 0 evaluates the union: the
+    periodic and final COCO metrics are those of one process, with the same images and
+    detections counted."""
+    rc, ap_single, out = run_with_deadline(_eval_overrides(tmp_path / "single", 1), DEADLINE)
+    assert rc == 0, out
+    rc, ap_ddp, out = run_with_deadline(_eval_overrides(tmp_path / "ddp", 2), DEADLINE)
+    assert rc == 0, out
+    # Who inferred what: one process runs the 8 val images at each of the 3 evaluations (the
+    # capped ones forward whole batches of 4, 8 images). Of two, rank 0 runs images 0, 2, 4, 6
+    # and rank 1 images 1, 3, 5, 7 of the final evaluation; capped to 5, rank 0 runs 0, 2 | 4, 6
+    # (6 unused) and rank 1 its first batch 1, 3.
+    forwards = read_log(tmp_path / "single" / "forwards.jsonl")
+    assert {f["rank"] for f in forwards} == {0}
+    split = [im for f in forwards[-2:] for im in f["images"]]  # the final evaluation
+    assert len(split) == len(set(split)) == 8
+    assert [im for f in forwards for im in f["images"]] == split * 3
+    ranks = {r: [] for r in (0, 1)}
+    for f in read_log(tmp_path / "ddp" / "forwards.jsonl"):
+        ranks[f["rank"]].extend(f["images"])
+    assert ranks[0] == split[0::2] * 3
+    assert ranks[1] == (split[1:4:2] * 2) + split[1::2]
+
+    single, single_val = _val_metrics(tmp_path / "single")
+    ddp, ddp_val = _val_metrics(tmp_path / "ddp")
+    assert single["num_images"] == ddp["num_images"] == 8  # the whole smoke val split
+    assert single_val["val_num_images"] == ddp_val["val_num_images"] == [(1, 5.0), (2, 5.0)]
+    assert ddp["num_detections"] > 0 and ddp_val["val_num_detections"][0][1] > 0
+    for key in ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100", "num_detections"):
+        assert _same(single[key], ddp[key]), (key, single[key], ddp[key])
+    assert _same(ap_single, ap_ddp)
+    assert single_val.keys() == ddp_val.keys()
+    for key in single_val:
+        if key != "val_ms_per_image":
+            assert [s for s, _ in single_val[key]] == [1, 2], key
+            assert all(
+                _same(a, b) for (_, a), (_, b) in zip(single_val[key], ddp_val[key], strict=True)
+            ), (key, single_val[key], ddp_val[key])
+    # the mean of the ranks' per-image forward times: a per-device latency
+    assert 0 < ddp["ms_per_image"] < 10_000
+    assert all(0 < v < 10_000 for _, v in ddp_val["val_ms_per_image"])
+
+
+def _same(a: float, b: float) -> bool:
+    return a == b or (math.isnan(a) and math.isnan(b))
+
+
 def test_collective_timeout_is_generous_and_reaches_the_process_group(monkeypatch) -> None:
-    """Rank 0 evaluates while the others wait in a collective: the process group gets
+    """Rank 0 runs COCOeval while the others wait in a collective: the process group gets
     RETINA_SWEEP_DIST_TIMEOUT_MIN (default 180 min), not gloo's 30 or NCCL's 10 minutes."""
     monkeypatch.delenv(distributed.TIMEOUT_ENV, raising=False)
     assert distributed.collective_timeout() == datetime.timedelta(minutes=180)
