@@ -278,61 +278,37 @@ class ParentRun:
         The look-up and the creation hold the store's `parents` lock: Optuna workers started
         together on one study each found no parent and created their own.
         """
-        from .tracking import store_lock
+        from .tracking import experiment_id, git_commit, retry, store_lock
 
         with store_lock(mlf.tracking_uri, "parents"):
-            return cls._open(
-                mlf,
-                experiment,
-                name=name,
-                table=table,
-                shash=shash,
-                definition=definition,
-                kind=kind,
+            exp_id = retry(lambda: experiment_id(mlf, experiment))
+            existing = mlf.search_runs(
+                [exp_id],
+                filter_string=f"tags.sweep_hash = '{shash}' AND tags.is_parent = 'true'",
+                max_results=1,
+                order_by=["attributes.start_time DESC"],
             )
-
-    @classmethod
-    def _open(
-        cls,
-        mlf,
-        experiment: str,
-        *,
-        name: str | None,
-        table: str | None,
-        shash: str,
-        definition: Mapping[str, Any],
-        kind: str,
-    ) -> ParentRun:
-        from .tracking import experiment_id, git_commit, retry
-
-        exp_id = retry(lambda: experiment_id(mlf, experiment))
-        existing = mlf.search_runs(
-            [exp_id],
-            filter_string=f"tags.sweep_hash = '{shash}' AND tags.is_parent = 'true'",
-            max_results=1,
-            order_by=["attributes.start_time DESC"],
-        )
-        if existing:
-            run_id = existing[0].info.run_id
-            retry(lambda: mlf.update_run(run_id, status="RUNNING"))
-            log.info("resuming sweep %s in its MLflow parent run %s", name, run_id)
-            return cls(mlf, exp_id, run_id)
-        tags = {
-            "is_parent": "true",
-            "sweep": name or "",
-            "table": table or "",
-            "sweep_hash": shash,
-            "sweeper": kind,
-        }
-        commit = git_commit()
-        if commit:
-            tags["git_commit"] = commit
-        run = retry(
-            lambda: mlf.create_run(exp_id, run_name=f"sweep:{name or 'multirun'}", tags=tags)
-        )
-        parent = cls(mlf, exp_id, run.info.run_id)
-        retry(lambda: mlf.log_dict(parent.run_id, dict(definition), "sweep/definition.json"))
-        return parent
+            if existing:
+                run_id = existing[0].info.run_id
+                retry(lambda: mlf.update_run(run_id, status="RUNNING"))
+                log.info("resuming sweep %s in its MLflow parent run %s", name, run_id)
+                return cls(mlf, exp_id, run_id)
+            tags = {
+                "is_parent": "true",
+                "sweep": name or "",
+                "table": table or "",
+                "sweep_hash": shash,
+                "sweeper": kind,
+            }
+            commit = git_commit()
+            if commit:
+                tags["git_commit"] = commit
+            run = retry(
+                lambda: mlf.create_run(exp_id, run_name=f"sweep:{name or 'multirun'}", tags=tags)
+            )
+            parent = cls(mlf, exp_id, run.info.run_id)
+            retry(lambda: mlf.log_dict(parent.run_id, dict(definition), "sweep/definition.json"))
+            return parent
 
     def children(self) -> list[Any]:
         return self.mlf.search_runs(
