@@ -494,3 +494,41 @@ def test_sweepers_started_together_share_one_parent_run(tmp_path: Path) -> None:
     exp = mlf.get_experiment_by_name("retina_sweep")
     parents = mlf.search_runs([exp.experiment_id], filter_string="tags.is_parent = 'true'")
     assert len(parents) == 1
+
+
+def test_a_second_process_waits_for_the_cell_another_one_trains(tmp_path: Path) -> None:
+    """Two sweeps sharing a cell (alpha and gamma share three) must not train into one
+    checkpoint at once: the second waits for the cell's lock without opening an MLflow run,
+    then takes the cell up from its checkpoint."""
+    import torch
+    from helpers import compose_config
+
+    from retina_sweep.config import config_hash
+    from retina_sweep.locks import exclusive
+
+    cfg = compose_config(["scale=smoke", f"paths.root={tmp_path}/sweeps"])
+    lock = tmp_path / "sweeps" / "checkpoints" / config_hash(cfg) / ".lock"
+    log = tmp_path / "second.log"
+    with exclusive(lock), open(log, "w") as out:  # the first process, still training
+        proc = subprocess.Popen(
+            sweep_command(tmp_path),
+            cwd=tmp_path,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=SWEEP_ENV,
+        )
+        deadline = time.monotonic() + 120
+        while "another process is training this cell" not in log.read_text():
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        time.sleep(1.0)
+        assert proc.poll() is None  # still waiting
+        assert not (lock.parent / "last.pt").exists()
+        mlf = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+        exp = mlf.get_experiment_by_name("retina_sweep")
+        assert exp is None or not mlf.search_runs([exp.experiment_id])
+    assert proc.wait(timeout=120) == 0, log.read_text()
+    runs = mlf.search_runs([mlf.get_experiment_by_name("retina_sweep").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert torch.load(lock.parent / "last.pt", weights_only=True)["iteration"] == 4

@@ -366,57 +366,6 @@ def test_a_failed_checkpoint_save_keeps_the_old_one_and_no_temp_file(tmp_path: P
     assert [p.name for p in path.parent.iterdir()] == ["last.pt"]  # the temp file is gone
 
 
-@pytest.mark.slow
-def test_a_second_process_waits_for_the_cell_another_one_trains(tmp_path: Path) -> None:
-    """Two sweeps sharing a cell (alpha and gamma share three) must not train into one
-    checkpoint at once: the second waits for the cell's lock without opening an MLflow run,
-    then takes the cell up from its checkpoint."""
-    import os
-    import subprocess
-    import sys
-    import time
-
-    from retina_sweep.locks import exclusive
-
-    cfg = smoke_cfg(tmp_path)
-    lock = tmp_path / "sweeps" / "checkpoints" / config_hash(cfg) / ".lock"
-    root = Path(__file__).resolve().parents[1]
-    command = [
-        sys.executable,
-        "-m",
-        "retina_sweep",
-        "scale=smoke",
-        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
-        f"paths.root={tmp_path}/sweeps",
-        f"data.cache_dir={tmp_path}/cache",
-        "tracking.log_every=1",
-    ]
-    log = tmp_path / "second.log"
-    with exclusive(lock), open(log, "w") as out:  # the first process, still training
-        proc = subprocess.Popen(
-            command,
-            cwd=tmp_path,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONPATH": str(root)},
-        )
-        deadline = time.monotonic() + 120
-        while "another process is training this cell" not in log.read_text():
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
-        time.sleep(1.0)
-        assert proc.poll() is None  # still waiting
-        assert not (lock.parent / "last.pt").exists()
-        mlf = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
-        exp = mlf.get_experiment_by_name("retina_sweep")
-        assert exp is None or not mlf.search_runs([exp.experiment_id])
-    assert proc.wait(timeout=120) == 0, log.read_text()
-    _, runs = only_run(tmp_path)
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    assert torch.load(lock.parent / "last.pt", weights_only=True)["iteration"] == 4
-
-
 def test_a_run_returns_the_final_metric_its_objective_names(tmp_path: Path, monkeypatch) -> None:
     """What a sweeper optimises: the final AP by default, another final metric when `objective`
     names it (the Optuna sweeper sets it to its hydra.sweeper.metric)."""
