@@ -18,12 +18,14 @@ FAILED with that first failure as its `error`.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import math
 import os
 import socket
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -31,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 log = logging.getLogger(__name__)
 
-__all__ = ["launch", "free_port", "collective_timeout", "TIMEOUT_ENV"]
+__all__ = ["launch", "joined", "free_port", "collective_timeout", "TIMEOUT_ENV"]
 
 # Minutes a collective may wait for the other ranks (see `collective_timeout`).
 TIMEOUT_ENV = "RETINA_SWEEP_DIST_TIMEOUT_MIN"
@@ -72,31 +74,43 @@ def collective_timeout() -> datetime.timedelta:
     return datetime.timedelta(minutes=minutes)
 
 
+@contextlib.contextmanager
+def joined(cfg: DictConfig, timeout: datetime.timedelta | None = None) -> Iterator[None]:
+    """This process as one rank of a launch, inside the block: the process group initialised
+    from what the launcher set in the environment (RANK, WORLD_SIZE, LOCAL_RANK,
+    LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT), NCCL with the local GPU on CUDA, gloo on CPU,
+    and destroyed at the end. Used by `launch`'s workers and by the ranks of an external
+    launcher (`torchrun`, over one node or several)."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    use_cuda = cfg.device in ("cuda", "auto") and torch.cuda.is_available()
+    backend = "nccl" if use_cuda else "gloo"
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if cfg.train.get("threads") is None and not use_cuda:
+        # Share this node's cores among its ranks instead of oversubscribing them.
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("WORLD_SIZE", 1))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // per_node))
+    torch.distributed.init_process_group(backend=backend, timeout=timeout or collective_timeout())
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 def _worker(cfg_yaml: str, timeout_s: float | None = None) -> float:
     # Runs in a fresh process spawned by elastic_launch: RANK, WORLD_SIZE, LOCAL_RANK,
     # MASTER_ADDR and MASTER_PORT are set by the agent.
     from .train import run_worker
 
     cfg = OmegaConf.create(cfg_yaml)
-    local_rank = int(os.environ["LOCAL_RANK"])
-    use_cuda = cfg.device in ("cuda", "auto") and torch.cuda.is_available()
-    backend = "nccl" if use_cuda else "gloo"
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    if cfg.train.get("threads") is None and not use_cuda:
-        # Share the cores among the workers instead of oversubscribing them.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["WORLD_SIZE"])))
-    timeout = datetime.timedelta(seconds=timeout_s) if timeout_s else collective_timeout()
-    torch.distributed.init_process_group(backend=backend, timeout=timeout)
-    try:
+    timeout = datetime.timedelta(seconds=timeout_s) if timeout_s else None
+    with joined(cfg, timeout):
         return run_worker(
             cfg,
             rank=int(os.environ["RANK"]),
             world_size=int(os.environ["WORLD_SIZE"]),
-            local_rank=local_rank,
+            local_rank=int(os.environ["LOCAL_RANK"]),
         )
-    finally:
-        torch.distributed.destroy_process_group()
 
 
 def launch(cfg: DictConfig) -> float:

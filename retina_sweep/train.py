@@ -656,6 +656,19 @@ def run(cfg: DictConfig) -> float:
 
                 return launch(cfg)
             return _run_here(cfg)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and not torch.distributed.is_initialized():
+        # One rank of an external launch (`torchrun`, over one node or several): each rank ran
+        # this entry point itself; it joins the launch's process group here.
+        if int(cfg.train.batch_size) % world:
+            raise ConfigError(
+                f"invalid config value train.batch_size={cfg.train.batch_size}: the global batch "
+                f"must divide among the WORLD_SIZE={world} processes of this launch"
+            )
+        from .distributed import joined
+
+        with joined(cfg):
+            return _run_here(cfg)
     return _run_here(cfg)
 
 

@@ -61,27 +61,29 @@ def test_samplers_seek_to_a_batch_for_an_exact_resume() -> None:
     assert merged == full[24:36]  # global batch 2 of 3 (37 // 12), as one process sees it
 
 
+def _overrides(tmp_path: Path, root: str, devices: int) -> list[tuple[str, object]]:
+    return [
+        ("scale", "smoke"),
+        ("tracking", "none"),
+        ("paths.root", f"{tmp_path}/{root}"),
+        ("data.cache_dir", f"{tmp_path}/cache"),
+        ("train.devices", devices),
+        ("train.iterations", 3),
+        ("train.warmup_iters", 0),
+        ("train.lr", 0.05),
+        ("train.checkpoint_every", 0),
+        ("train.threads", 1),
+        # float32: bf16 autocast rounds the two processes' partial sums differently.
+        ("train.cpu_amp", "false"),
+        # Per-rank batch statistics and per-sample random flips would differ between one
+        # process and two by construction; everything else must match.
+        ("model.backbone.norm", "gn"),
+        ("data.flip_prob", 0.0),
+    ]
+
+
 def _cfg(tmp_path: Path, root: str, devices: int):
-    return compose_config(
-        [
-            "scale=smoke",
-            "tracking=none",
-            f"paths.root={tmp_path}/{root}",
-            f"data.cache_dir={tmp_path}/cache",
-            f"train.devices={devices}",
-            "train.iterations=3",
-            "train.warmup_iters=0",
-            "train.lr=0.05",
-            "train.checkpoint_every=0",
-            "train.threads=1",
-            # float32: bf16 autocast rounds the two processes' partial sums differently.
-            "train.cpu_amp=false",
-            # Per-rank batch statistics and per-sample random flips would differ between one
-            # process and two by construction; everything else must match.
-            "model.backbone.norm=gn",
-            "data.flip_prob=0.0",
-        ]
-    )
+    return compose_config([f"{k}={v}" for k, v in _overrides(tmp_path, root, devices)])
 
 
 @pytest.mark.slow
@@ -91,13 +93,61 @@ def test_two_gloo_workers_equal_one_process(tmp_path: Path) -> None:
     assert config_hash(single) == config_hash(double)  # devices is not part of the identity
     run(single)
     run(double)
-    h = config_hash(single)
-    a = torch.load(tmp_path / "single" / "checkpoints" / h / "last.pt", weights_only=True)
-    b = torch.load(tmp_path / "ddp" / "checkpoints" / h / "last.pt", weights_only=True)
+    _assert_same_training(single, tmp_path / "single", tmp_path / "ddp")
+
+
+@pytest.mark.slow
+def test_two_torchrun_ranks_equal_one_process(tmp_path: Path) -> None:
+    """An external launcher (torchrun, which also spans nodes) starts the entry point once per
+    rank; each joins the launch's process group and they train as one process would."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    single = _cfg(tmp_path, "single", 1)
+    run(single)
+    root = Path(__file__).resolve().parents[1]
+    overrides = [f"{k}={v}" for k, v in _overrides(tmp_path, "torchrun", 1)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += ["-m", "retina_sweep", *overrides]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        cmd,
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        output, _ = proc.communicate(timeout=150)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output = proc.communicate()[0]
+        raise AssertionError(f"torchrun did not finish (a hang?):\n{output}") from None
+    assert proc.returncode == 0, output
+    _assert_same_training(single, tmp_path / "single", tmp_path / "torchrun")
+    # A global batch that does not divide among the launch's ranks: one line, before training.
+    bad = cmd[: -len(overrides)] + overrides + ["train.batch_size=3"]
+    out = subprocess.run(bad, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=150)
+    assert out.returncode != 0
+    assert "train.batch_size=3: the global batch must divide among the WORLD_SIZE=2" in (
+        out.stdout + out.stderr
+    )
+
+
+def _assert_same_training(cfg, root_a: Path, root_b: Path) -> None:
+    """The checkpoints of `cfg` under two roots hold the same trained weights (to float
+    summation order), and training moved them."""
+    h = config_hash(cfg)
+    a = torch.load(root_a / "checkpoints" / h / "last.pt", weights_only=True)
+    b = torch.load(root_b / "checkpoints" / h / "last.pt", weights_only=True)
     assert a["iteration"] == b["iteration"] == 3
     # The initial weights, built as the trainer builds them: training really moved them.
-    torch.manual_seed(int(single.seed))
-    initial = instantiate(single.model, strategy=instantiate(single.loss), _convert_="all")
+    torch.manual_seed(int(cfg.seed))
+    initial = instantiate(cfg.model, strategy=instantiate(cfg.loss), _convert_="all")
     moved = 0
     for key, value in a["model"].items():
         if not torch.is_floating_point(value):
