@@ -130,6 +130,8 @@ RULES: list[Rule] = [
     Rule("seed", _int(0), "an integer >= 0"),
     Rule("device", _one_of("auto", "cpu", "cuda"), "one of auto, cpu, cuda"),
     Rule("objective", _one_of(*OBJECTIVES), "one of " + ", ".join(OBJECTIVES), True),
+    Rule("eval.visualize", _int(0), "an integer >= 0 (val images to draw)", True),
+    Rule("eval.visualize_score", _num(0, 1), "a number in [0, 1]", True),
     Rule("loss.name", _one_of(*STRATEGY_NAMES), "one of " + ", ".join(STRATEGY_NAMES)),
     Rule("loss.alpha", _alpha, "a number in [0, 1], or < 0 for no balancing", optional=True),
     Rule("loss.gamma", _num(0), "a number >= 0", optional=True),

@@ -14,6 +14,10 @@ path: ``python -m retina_sweep.evaluate eval.checkpoint=sweeps/checkpoints/<hash
 model.inference.nms_thresh=0.6``. Everything else about the model must match the weights; a
 mismatch stops with one message naming the checkpoint and the first keys that differ.
 
+``eval.visualize=N`` also draws the first N val images with their ground truth (green) and the
+detections scoring at least ``eval.visualize_score`` (red; `retina_sweep.visualize`) into
+``vis/`` beside the results.
+
 The metrics are logged to MLflow in their own experiment (``<tracking.experiment>-eval``), so that
 an evaluation is never taken for a trained cell: sweeps skip cells by their FINISHED training
 runs, and the report reads training runs only. The COCO results JSON
@@ -23,6 +27,7 @@ are written to the run's output folder and logged as artifacts.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -179,6 +184,21 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
     (out / "coco_summary.txt").write_text(str(metrics.get("summary", "")))
     tracker.log_artifact(results, "eval")
     tracker.log_artifact(out / "coco_summary.txt", "eval")
+    n_vis = int(OmegaConf.select(cfg, "eval.visualize", default=0) or 0)
+    if n_vis:
+        from .visualize import draw_detections
+
+        drawn = draw_detections(
+            data.val.coco,
+            data.val.img_dir,
+            json.loads(results.read_text()),
+            data.val.image_ids[:n_vis],
+            out / "vis",
+            score_thresh=float(OmegaConf.select(cfg, "eval.visualize_score", default=0.3)),
+        )
+        for path in drawn:
+            tracker.log_artifact(path, "eval/vis")
+        log.info("drew %d images with their detections under %s", len(drawn), out / "vis")
     tracker.finish("completed")
     log.info("COCO metrics: %s", ", ".join(f"{k}={v:.2f}" for k, v in final.items()))
     log.info("detections: %s", results)

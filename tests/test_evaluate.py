@@ -8,11 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import compose_config
 from hydra.utils import instantiate
 from mlflow.tracking import MlflowClient
+from PIL import Image
 
 from retina_sweep.builders import build_datasets
 from retina_sweep.config import ConfigError, config_hash
@@ -89,12 +91,22 @@ def test_a_trained_cell_evaluates_to_its_training_runs_metrics(tmp_path: Path) -
         "model.inference.detections_per_img=5",
         "tracking.enabled=false",
         f"paths.root={tmp_path}/other",
+        "eval.visualize=2",
+        "eval.visualize_score=0.0",
     )
     assert config_hash(other) != config_hash(cfg)
     out = evaluate_checkpoint(other)
     assert out["num_detections"] == 5 * out["num_images"]
     written = sorted(Path(tmp_path / "other" / "eval").glob("*/coco_results.json"))
     assert len(written) == 1
+    # eval.visualize: the first two val images drawn, at their own size, with boxes on them.
+    val = build_datasets(other.data, max_level=int(other.model.fpn.max_level)).val
+    drawn = sorted((written[0].parent / "vis").glob("*.png"))
+    assert sorted(p.name for p in drawn) == sorted(f"{i}.png" for i in val.image_ids[:2])
+    for index in (0, 1):
+        image = np.asarray(Image.open(written[0].parent / "vis" / f"{val.image_ids[index]}.png"))
+        original = np.asarray(Image.open(val.image_path(index)).convert("RGB"))
+        assert image.shape == original.shape and (image != original).any()
     got = json.loads(written[0].read_text())
     want = _reference_detections(other, ckpt, tmp_path / "want.json")
     assert len(got) == len(want) == 5 * out["num_images"]
