@@ -25,6 +25,8 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from .signals import raise_pending
+
 __all__ = [
     "coco_evaluate",
     "evaluate",
@@ -279,6 +281,7 @@ def infer(
     out = Inference()
     try:
         for batch_index, (images, targets, image_sizes) in enumerate(loader):
+            raise_pending()  # a SIGTERM / SIGINT whose interrupt a finalizer swallowed
             if max_images is not None and len(out.images) >= max_images:
                 break
             images = images.to(device, non_blocking=True)

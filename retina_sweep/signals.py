@@ -30,7 +30,32 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["SWEEP_GRACE_S", "Terminated", "check_grace", "terminate_as_interrupt"]
+__all__ = [
+    "SWEEP_GRACE_S",
+    "Terminated",
+    "check_grace",
+    "raise_pending",
+    "terminate_as_interrupt",
+]
+
+# The interrupts raised by the handlers of the open `terminate_as_interrupt` blocks.
+_pending: list[KeyboardInterrupt] = []
+
+
+def raise_pending() -> None:
+    """Raise again an interrupt whose first raise was swallowed.
+
+    Python runs a signal handler between bytecodes, wherever the main thread is, finalizers and
+    weakref callbacks included (garbage collection runs them anywhere). An exception raised
+    there is only printed ("Exception ignored in ..."), and the handler, which acts once, ignores
+    the signal from then on: the trial would train on to its end and be killed by the scheduler
+    or by its sweep with its MLflow run left RUNNING (seen once in a CI run: a SIGINT forwarded
+    to a joblib worker landed in SQLAlchemy's registry cleanup). Long loops call this once per
+    step; a raise that propagated never comes back to them.
+    """
+    if _pending:
+        raise _pending[-1]
+
 
 # The sweepers' default for `hydra.sweeper.grace_s` (see `check_grace`).
 SWEEP_GRACE_S = 5.0
@@ -92,13 +117,18 @@ def terminate_as_interrupt(*, grace_s: float = 0.0) -> Iterator[None]:
             _forward_and_wait(signum, grace_s)
         name = signal.Signals(signum).name
         if signum == signal.SIGTERM:
-            raise Terminated(f"terminated by {name}")
-        raise KeyboardInterrupt(f"interrupted by {name}")
+            exc: KeyboardInterrupt = Terminated(f"terminated by {name}")
+        else:
+            exc = KeyboardInterrupt(f"interrupted by {name}")
+        _pending.append(exc)  # for `raise_pending`, should this raise be swallowed
+        raise exc
 
     previous = {s: signal.signal(s, handler) for s in caught}
+    depth = len(_pending)
     try:
         yield
     finally:
+        del _pending[depth:]
         # getsignal() returns None for a handler not installed from Python: put the default back.
         for s, old in previous.items():
             signal.signal(s, old if old is not None else signal.SIG_DFL)

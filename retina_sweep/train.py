@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from .config import OBJECTIVES, ConfigError, config_hash, validate
-from .signals import terminate_as_interrupt
+from .signals import raise_pending, terminate_as_interrupt
 from .tracking import RunTracker, config_params, tracker_from_config
 
 log = logging.getLogger(__name__)
@@ -497,6 +497,7 @@ def train(
     nonfinite = 0
     lr_used = optimizer.param_groups[0]["lr"]
     for iteration in range(start_iter, iterations):
+        raise_pending()  # a SIGTERM / SIGINT whose interrupt a finalizer swallowed
         tic = time.perf_counter()
         images, targets, image_sizes = next(batches)
         images, targets = to_device(images, targets, device)

@@ -207,6 +207,47 @@ def test_sigterm_ends_the_run_killed_with_its_checkpoint(tmp_path: Path, monkeyp
     assert torch.load(ckpt, weights_only=True)["iteration"] == 4
 
 
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_sigterm_swallowed_by_a_finalizer_still_ends_the_run_killed(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """A signal handler runs wherever the main thread is, finalizers included, where Python only
+    prints the exception it raises; the handler acts once, so the trial trained on to its end
+    (seen in CI: a SIGINT landed in SQLAlchemy's registry cleanup, and the trial's MLflow run
+    was left RUNNING when its sweep stopped). The next step raises it again."""
+    import os
+    import signal
+    import time
+
+    class SignalOnCollect:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # the handler runs here, inside the finalizer
+
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)  # never the default (kills pytest)
+    try:
+        cfg = smoke_cfg(tmp_path, "train.iterations=6", "train.checkpoint_every=2")
+        real_save = train_mod.atomic_save
+
+        def save_then_collect(obj, path):
+            real_save(obj, path)
+            if obj["iteration"] == 2:
+                finalized = SignalOnCollect()
+                del finalized  # its __del__ runs here, and the handler inside it
+
+        monkeypatch.setattr(train_mod, "atomic_save", save_then_collect)
+        with pytest.raises(KeyboardInterrupt):
+            run(cfg)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    mlf, runs = only_run(tmp_path)
+    assert runs[0].info.status == "KILLED" and runs[0].data.tags["outcome"] == "killed"
+    assert runs[0].data.tags["error"] == "terminated by SIGTERM"
+    ckpt = tmp_path / "sweeps" / "checkpoints" / config_hash(cfg) / "last.pt"
+    assert torch.load(ckpt, weights_only=True)["iteration"] == 2
+
+
 @pytest.mark.skipif(
     torch.cuda.is_available(), reason="checks the message for a machine without CUDA"
 )
