@@ -186,25 +186,33 @@ def test_sigterm_ends_the_run_killed_with_its_checkpoint(tmp_path: Path, monkeyp
 
     previous = signal.signal(signal.SIGTERM, not_handled)
     try:
-        cfg = smoke_cfg(tmp_path, "train.iterations=6", "train.checkpoint_every=2")
-        real_save = train_mod.atomic_save
-
-        def save_then_terminate(obj, path):
-            real_save(obj, path)
-            if obj["iteration"] == 4:
-                os.kill(os.getpid(), signal.SIGTERM)
-
-        monkeypatch.setattr(train_mod, "atomic_save", save_then_terminate)
-        with pytest.raises(KeyboardInterrupt):
-            run(cfg)
+        _killed_at_checkpoint(
+            tmp_path, monkeypatch, 4, lambda: os.kill(os.getpid(), signal.SIGTERM)
+        )
         assert signal.getsignal(signal.SIGTERM) is not_handled  # restored after the trial
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _killed_at_checkpoint(tmp_path: Path, monkeypatch, at: int, terminate) -> None:
+    """A 6-iteration smoke trial whose checkpoint `at` calls `terminate` (which delivers a
+    SIGTERM) ends KILLED, outcome killed, with that checkpoint."""
+    cfg = smoke_cfg(tmp_path, "train.iterations=6", "train.checkpoint_every=2")
+    real_save = train_mod.atomic_save
+
+    def save_then_terminate(obj, path):
+        real_save(obj, path)
+        if obj["iteration"] == at:
+            terminate()
+
+    monkeypatch.setattr(train_mod, "atomic_save", save_then_terminate)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg)
     mlf, runs = only_run(tmp_path)
     assert runs[0].info.status == "KILLED" and runs[0].data.tags["outcome"] == "killed"
     assert runs[0].data.tags["error"] == "terminated by SIGTERM"
     ckpt = tmp_path / "sweeps" / "checkpoints" / config_hash(cfg) / "last.pt"
-    assert torch.load(ckpt, weights_only=True)["iteration"] == 4
+    assert torch.load(ckpt, weights_only=True)["iteration"] == at
 
 
 @pytest.mark.slow
@@ -225,27 +233,15 @@ def test_a_sigterm_swallowed_by_a_finalizer_still_ends_the_run_killed(
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(0.05)  # the handler runs here, inside the finalizer
 
+    def finalize() -> None:
+        finalized = SignalOnCollect()
+        del finalized  # its __del__ runs here, and the handler inside it
+
     previous = signal.signal(signal.SIGTERM, lambda *_: None)  # never the default (kills pytest)
     try:
-        cfg = smoke_cfg(tmp_path, "train.iterations=6", "train.checkpoint_every=2")
-        real_save = train_mod.atomic_save
-
-        def save_then_collect(obj, path):
-            real_save(obj, path)
-            if obj["iteration"] == 2:
-                finalized = SignalOnCollect()
-                del finalized  # its __del__ runs here, and the handler inside it
-
-        monkeypatch.setattr(train_mod, "atomic_save", save_then_collect)
-        with pytest.raises(KeyboardInterrupt):
-            run(cfg)
+        _killed_at_checkpoint(tmp_path, monkeypatch, 2, finalize)
     finally:
         signal.signal(signal.SIGTERM, previous)
-    mlf, runs = only_run(tmp_path)
-    assert runs[0].info.status == "KILLED" and runs[0].data.tags["outcome"] == "killed"
-    assert runs[0].data.tags["error"] == "terminated by SIGTERM"
-    ckpt = tmp_path / "sweeps" / "checkpoints" / config_hash(cfg) / "last.pt"
-    assert torch.load(ckpt, weights_only=True)["iteration"] == 2
 
 
 @pytest.mark.skipif(
