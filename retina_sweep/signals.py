@@ -34,12 +34,44 @@ __all__ = [
     "SWEEP_GRACE_S",
     "Terminated",
     "check_grace",
+    "deferred",
+    "pending",
     "raise_pending",
     "terminate_as_interrupt",
 ]
 
 # The interrupts raised by the handlers of the open `terminate_as_interrupt` blocks.
 _pending: list[KeyboardInterrupt] = []
+# Open `deferred()` blocks: a handler then records its interrupt without raising it.
+_defer_depth = [0]
+
+
+@contextmanager
+def deferred() -> Iterator[None]:
+    """Inside the block a SIGTERM / SIGINT handled by `terminate_as_interrupt` does not raise:
+    its interrupt is raised when the block ends. For work that must not stop half-way and is
+    short: writing a checkpoint (torch.save's C++ writer calls the file's Python `write`, and an
+    interrupt raised there comes out as torch's "RuntimeError: unexpected pos", the checkpoint
+    lost)."""
+    _defer_depth[0] += 1
+    try:
+        yield
+    finally:
+        _defer_depth[0] -= 1
+    if _defer_depth[0] == 0:
+        raise_pending()
+
+
+def pending() -> KeyboardInterrupt | None:
+    """The interrupt a handler of an open `terminate_as_interrupt` block has raised, if any.
+
+    An error that ends the block after it was raised is the signal's doing when the interrupt
+    was raised inside code that turned it into another exception: torch.save's C++ writer calls
+    the file's Python `write`, the handler runs there, and what comes out is torch's
+    ``RuntimeError: ... unexpected pos``. `retina_sweep.train` then records the run as killed,
+    not failed.
+    """
+    return _pending[-1] if _pending else None
 
 
 def raise_pending() -> None:
@@ -53,8 +85,9 @@ def raise_pending() -> None:
     to a joblib worker landed in SQLAlchemy's registry cleanup). Long loops call this once per
     step; a raise that propagated never comes back to them.
     """
-    if _pending:
-        raise _pending[-1]
+    interrupt = pending()
+    if interrupt is not None:
+        raise interrupt
 
 
 # The sweepers' default for `hydra.sweeper.grace_s` (see `check_grace`).
@@ -121,7 +154,8 @@ def terminate_as_interrupt(*, grace_s: float = 0.0) -> Iterator[None]:
         else:
             exc = KeyboardInterrupt(f"interrupted by {name}")
         _pending.append(exc)  # for `raise_pending`, should this raise be swallowed
-        raise exc
+        if _defer_depth[0] == 0:
+            raise exc
 
     previous = {s: signal.signal(s, handler) for s in caught}
     depth = len(_pending)

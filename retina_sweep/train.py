@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from .config import OBJECTIVES, ConfigError, config_hash, validate
-from .signals import raise_pending, terminate_as_interrupt
+from .signals import deferred, pending, raise_pending, terminate_as_interrupt
 from .tracking import RunTracker, config_params, tracker_from_config
 
 log = logging.getLogger(__name__)
@@ -189,17 +189,21 @@ def atomic_save(obj: Any, path: Path) -> None:
     """torch.save to a temp file in the same folder, then rename: a crash never leaves half."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            # On disk before the rename: after a power loss or a node failure the checkpoint is
-            # the old one or the new one, never a renamed but empty file.
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # an interrupted save leaves no stray temp file behind
-        raise
+    # A SIGTERM / SIGINT during the save is raised once the checkpoint is in place: the
+    # interrupted run keeps it (and an interrupt raised inside torch.save's C++ writer would
+    # come out as "RuntimeError: unexpected pos").
+    with deferred():
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(obj, f)
+                f.flush()
+                # On disk before the rename: after a power loss or a node failure the checkpoint
+                # is the old one or the new one, never a renamed but empty file.
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a failed save leaves no stray temp file behind
+            raise
 
 
 def load_checkpoint(path: Path) -> dict[str, Any] | None:
@@ -753,6 +757,12 @@ def _run_worker(cfg: DictConfig, *, rank: int, world_size: int, local_rank: int)
         tracker.finish("killed", error=str(exc) or "interrupted")
         raise
     except BaseException as exc:
+        interrupt = pending()
+        if interrupt is not None:
+            # The signal came first: its interrupt was raised inside code that turned it into
+            # this error (torch.save's C++ writer calling the file's write: "unexpected pos").
+            tracker.finish("killed", error=str(interrupt))
+            raise interrupt from exc
         tracker.finish("failed", error=f"{type(exc).__name__}: {exc}")
         raise
 

@@ -244,6 +244,63 @@ def test_a_sigterm_swallowed_by_a_finalizer_still_ends_the_run_killed(
         signal.signal(signal.SIGTERM, previous)
 
 
+@pytest.mark.slow
+def test_a_sigterm_inside_torch_save_ends_the_run_killed_not_failed(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """torch.save's C++ writer calls the file's Python write: a SIGTERM handled there comes out
+    as torch's "RuntimeError: unexpected pos", and the trial was recorded FAILED (its sweep,
+    whose handler had fired, went on to the next cell; seen in CI)."""
+    import io
+    import os
+    import signal
+    import time
+
+    class SignalOnWrite(io.BytesIO):
+        calls = 0
+
+        def write(self, b):
+            SignalOnWrite.calls += 1
+            if SignalOnWrite.calls == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)  # the handler runs here, inside torch's writer callback
+            return super().write(b)
+
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)  # never the default (kills pytest)
+    try:
+        _killed_at_checkpoint(
+            tmp_path, monkeypatch, 2, lambda: torch.save({"x": torch.zeros(9)}, SignalOnWrite())
+        )
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.mark.slow
+def test_a_sigterm_during_a_checkpoint_save_keeps_that_checkpoint(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """A signal during the save is raised once the checkpoint is in place (signals.deferred):
+    the run ends KILLED with the checkpoint it was writing, not the one before."""
+    import os
+    import signal
+    import time
+
+    real_save = torch.save
+
+    def save_with_a_signal(obj, f, *args, **kwargs):
+        if isinstance(obj, dict) and obj.get("iteration") == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # the handler runs here, inside the save
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod.torch, "save", save_with_a_signal)
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)  # never the default (kills pytest)
+    try:
+        _killed_at_checkpoint(tmp_path, monkeypatch, 4, lambda: None)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @pytest.mark.skipif(
     torch.cuda.is_available(), reason="checks the message for a machine without CUDA"
 )
