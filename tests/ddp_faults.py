@@ -137,13 +137,27 @@ def run_with_deadline(overrides: list[str], timeout: float = 90.0) -> tuple[int,
     """
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS_DIR), env.get("PYTHONPATH", "")) if p)
+    code, output = run_command_with_deadline(
+        [sys.executable, "-c", _CHILD, json.dumps(overrides)], timeout, env=env
+    )
+    ap = math.nan
+    for line in output.splitlines():
+        if line.startswith("RESULT "):
+            ap = float(json.loads(line[len("RESULT ") :]))
+    return code, ap, output
+
+
+def run_command_with_deadline(cmd: list[str], timeout: float, **popen: Any) -> tuple[int, str]:
+    """`cmd` in its own process group, killed with all its processes (DDP workers, a torchrun
+    agent's ranks) if it is not done within `timeout` seconds; returns (exit status, stdout +
+    stderr). A hang fails the test with the output so far instead of stalling CI."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", _CHILD, json.dumps(overrides)],
-        env=env,
+        cmd,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
+        **popen,
     )
     try:
         output, _ = proc.communicate(timeout=timeout)
@@ -153,8 +167,4 @@ def run_with_deadline(overrides: list[str], timeout: float = 90.0) -> tuple[int,
         raise AssertionError(
             f"the run did not finish within {timeout:.0f} s (a hang?); its output:\n{output}"
         ) from None
-    ap = math.nan
-    for line in output.splitlines():
-        if line.startswith("RESULT "):
-            ap = float(json.loads(line[len("RESULT ") :]))
-    return proc.returncode, ap, output
+    return proc.returncode, output

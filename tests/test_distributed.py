@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from ddp_faults import read_log, run_with_deadline
+from ddp_faults import read_log, run_command_with_deadline, run_with_deadline
 from helpers import compose_config
 from hydra.utils import instantiate
 from mlflow.tracking import MlflowClient
@@ -61,29 +61,34 @@ def test_samplers_seek_to_a_batch_for_an_exact_resume() -> None:
     assert merged == full[24:36]  # global batch 2 of 3 (37 // 12), as one process sees it
 
 
-def _overrides(tmp_path: Path, root: str, devices: int) -> list[tuple[str, object]]:
+def _ddp_smoke(tmp_path: Path, root: str, devices: int, *extra: str) -> list[str]:
+    """A 3-iteration smoke run on `devices` processes (0 to 2) that one process matches step
+    for step, outputs under `tmp_path/root`; `extra` overrides come last."""
     return [
-        ("scale", "smoke"),
-        ("tracking", "none"),
-        ("paths.root", f"{tmp_path}/{root}"),
-        ("data.cache_dir", f"{tmp_path}/cache"),
-        ("train.devices", devices),
-        ("train.iterations", 3),
-        ("train.warmup_iters", 0),
-        ("train.lr", 0.05),
-        ("train.checkpoint_every", 0),
-        ("train.threads", 1),
+        "scale=smoke",
+        f"paths.root={tmp_path}/{root}",
+        f"data.cache_dir={tmp_path}/cache",
+        f"train.devices={devices}",
+        "train.iterations=3",
+        "train.warmup_iters=0",
+        "train.checkpoint_every=0",
+        "train.threads=1",
         # float32: bf16 autocast rounds the two processes' partial sums differently.
-        ("train.cpu_amp", "false"),
+        "train.cpu_amp=false",
         # Per-rank batch statistics and per-sample random flips would differ between one
         # process and two by construction; everything else must match.
-        ("model.backbone.norm", "gn"),
-        ("data.flip_prob", 0.0),
+        "model.backbone.norm=gn",
+        "data.flip_prob=0.0",
+        *extra,
     ]
 
 
+def _overrides(tmp_path: Path, root: str, devices: int) -> list[str]:
+    return _ddp_smoke(tmp_path, root, devices, "tracking=none", "train.lr=0.05")
+
+
 def _cfg(tmp_path: Path, root: str, devices: int):
-    return compose_config([f"{k}={v}" for k, v in _overrides(tmp_path, root, devices)])
+    return compose_config(_overrides(tmp_path, root, devices))
 
 
 @pytest.mark.slow
@@ -101,41 +106,24 @@ def test_two_torchrun_ranks_equal_one_process(tmp_path: Path) -> None:
     """An external launcher (torchrun, which also spans nodes) starts the entry point once per
     rank; each joins the launch's process group and they train as one process would."""
     import os
-    import signal
-    import subprocess
     import sys
 
     single = _cfg(tmp_path, "single", 1)
     run(single)
     root = Path(__file__).resolve().parents[1]
-    overrides = [f"{k}={v}" for k, v in _overrides(tmp_path, "torchrun", 1)]
+    overrides = _overrides(tmp_path, "torchrun", 1)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     cmd += ["-m", "retina_sweep", *overrides]
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        cmd,
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        output, _ = proc.communicate(timeout=150)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output = proc.communicate()[0]
-        raise AssertionError(f"torchrun did not finish (a hang?):\n{output}") from None
-    assert proc.returncode == 0, output
+    code, output = run_command_with_deadline(cmd, 150, cwd=tmp_path, env=env)
+    assert code == 0, output
     _assert_same_training(single, tmp_path / "single", tmp_path / "torchrun")
     # A global batch that does not divide among the launch's ranks: one line, before training.
-    bad = cmd[: -len(overrides)] + overrides + ["train.batch_size=3"]
-    out = subprocess.run(bad, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=150)
-    assert out.returncode != 0
-    assert "train.batch_size=3: the global batch must divide among the WORLD_SIZE=2" in (
-        out.stdout + out.stderr
+    code, output = run_command_with_deadline(
+        [*cmd, "train.batch_size=3"], 150, cwd=tmp_path, env=env
     )
+    assert code != 0
+    assert "train.batch_size=3: the global batch must divide among the WORLD_SIZE=2" in output
 
 
 def _assert_same_training(cfg, root_a: Path, root_b: Path) -> None:
@@ -167,24 +155,16 @@ DEADLINE = 120.0
 
 
 def _fault_overrides(tmp_path: Path, devices: int, *extra: str) -> list[str]:
-    return [
-        "scale=smoke",
+    return _ddp_smoke(
+        tmp_path,
+        "sweeps",
+        devices,
         f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
-        f"paths.root={tmp_path}/sweeps",
-        f"data.cache_dir={tmp_path}/cache",
-        f"train.devices={devices}",
-        "train.iterations=3",
-        "train.warmup_iters=0",
-        "train.checkpoint_every=0",
-        "train.threads=1",
-        "train.cpu_amp=false",
         "tracking.log_every=1",
-        "model.backbone.norm=gn",
-        "data.flip_prob=0.0",
         # the focal loss, with a fault on one rank (ddp_faults.faulty_focal)
         "loss._target_=ddp_faults.faulty_focal",
         *extra,
-    ]
+    )
 
 
 def _runs(tmp_path: Path):
@@ -332,27 +312,19 @@ def test_sharded_ms_per_image_is_the_mean_of_the_ranks_per_image_times() -> None
 
 
 def _eval_overrides(tmp_path: Path, devices: int) -> list[str]:
-    return [
-        "scale=smoke",
+    return _ddp_smoke(
+        tmp_path,
+        "sweeps",
+        devices,
         # the detector, writing down which rank runs which images (ddp_faults.recording_model)
         "model._target_=ddp_faults.recording_model",
         f"+model.record={tmp_path}/forwards.jsonl",
         f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
-        f"paths.root={tmp_path}/sweeps",
-        f"data.cache_dir={tmp_path}/cache",
-        f"train.devices={devices}",
-        "train.iterations=3",
-        "train.warmup_iters=0",
         # Steps too small to move a weight: two processes train to weights equal to 1e-4 (their
         # partial sums round differently), and detections scored ~0.01 apart by so little are
         # ranked differently by COCOeval. With the same weights, the evaluations must agree
         # exactly.
         "train.lr=1e-30",
-        "train.checkpoint_every=0",
-        "train.threads=1",
-        "train.cpu_amp=false",
-        "model.backbone.norm=gn",
-        "data.flip_prob=0.0",
         # every candidate box is kept (up to the detections per image): after 3 iterations no
         # score reaches the default 0.05, and metrics over no detections would compare nothing
         "model.inference.score_thresh=0.0",
@@ -360,7 +332,7 @@ def _eval_overrides(tmp_path: Path, devices: int) -> list[str]:
         # two infers images 0, 2, 4 and rank 1 images 1, 3
         "train.eval_every=1",
         "train.eval_max_images=5",
-    ]
+    )
 
 
 def _val_metrics(tmp_path: Path) -> tuple[dict[str, float], dict[str, list[tuple[int, float]]]]:

@@ -228,10 +228,15 @@ def val_set(tmp_path):
     sizes = [(40, 60), (30, 30), (50, 20)]
     boxes = [[(8, [10, 8, 20, 12]), (4, [40, 0, 20, 40])], [(4, [5, 5, 20, 10])], []]
     _gt(tmp_path, boxes, cats=(4, 8), sizes=sizes)
+    return _val_dataset(tmp_path, sizes)
+
+
+def _val_dataset(tmp_path, sizes) -> CocoDetection:
+    """The val `CocoDetection` of `tmp_path/gt.json`, over black images of `sizes` (h, w)."""
     (tmp_path / "img").mkdir()
     for i, (h, w) in enumerate(sizes):
         Image.fromarray(np.zeros((h, w, 3), dtype=np.uint8)).save(tmp_path / "img" / f"{i + 1}.png")
-    ds = CocoDetection(
+    return CocoDetection(
         ann_file=tmp_path / "gt.json",
         img_dir=tmp_path / "img",
         train=False,
@@ -239,7 +244,6 @@ def val_set(tmp_path):
         max_size=1000,
         skip_empty=False,
     )
-    return ds
 
 
 def _oracle_outputs(ds):
@@ -306,18 +310,8 @@ def test_evaluate_annotations_without_area_and_iscrowd(tmp_path, caplog):
     for ann in data["annotations"]:
         del ann["area"], ann["iscrowd"]
     (tmp_path / "gt.json").write_text(json.dumps(data))
-    (tmp_path / "img").mkdir()
-    for i, (h, w) in enumerate(sizes):
-        Image.fromarray(np.zeros((h, w, 3), dtype=np.uint8)).save(tmp_path / "img" / f"{i + 1}.png")
     with caplog.at_level("WARNING", logger="retina_sweep.data.coco"):
-        ds = CocoDetection(
-            ann_file=tmp_path / "gt.json",
-            img_dir=tmp_path / "img",
-            train=False,
-            scale=80,
-            max_size=1000,
-            skip_empty=False,
-        )
+        ds = _val_dataset(tmp_path, sizes)
     assert "3 annotations lack 'area'" in caplog.text and "3 lack 'iscrowd'" in caplog.text
     assert sorted(a["area"] for a in ds.coco.anns.values()) == [200.0, 240.0, 800.0]
     loader = build_loader(ds, batch_size=2, train=False, num_workers=0, size_divisible=32)
