@@ -10,6 +10,7 @@ from helpers import compose_config
 from hydra.utils import instantiate
 
 from retina_sweep.config import ConfigError, config_hash, validate
+from retina_sweep.train import lr_factor
 
 GROUPS = {
     "loss": ["focal", "ce", "ohem", "ohem_1to3", "random_1to3"],
@@ -48,8 +49,16 @@ def test_paper_scale_is_the_paper_recipe() -> None:
     assert cfg.data.scale == 600 and cfg.data.max_size == 1000
     assert cfg.train.batch_size == 16 and cfg.train.base_lr == 0.01 and cfg.train.lr is None
     assert cfg.train.iterations == 90000
-    steps = [round(f * cfg.train.iterations) for f in cfg.train.lr_steps]
-    assert steps == [60003, 80001] or steps == [60000, 80000] or abs(steps[0] - 60000) <= 5
+    # lr / 10 at exactly 60k and 80k, through the schedule the training uses.
+    sched = dict(
+        iterations=cfg.train.iterations,
+        warmup_iters=cfg.train.warmup_iters,
+        warmup_factor=cfg.train.warmup_factor,
+        lr_steps=list(cfg.train.lr_steps),
+        lr_decay=cfg.train.lr_decay,
+    )
+    factors = {i: lr_factor(i, **sched) for i in (59999, 60000, 79999, 80000, 89999)}
+    assert factors == pytest.approx({59999: 1.0, 60000: 0.1, 79999: 0.1, 80000: 0.01, 89999: 0.01})
     assert cfg.model.anchors.scales_per_octave == 3
     assert list(cfg.model.anchors.aspect_ratios) == [0.5, 1.0, 2.0]
     assert cfg.loss.alpha == 0.25 and cfg.loss.gamma == 2.0

@@ -21,7 +21,7 @@ GOLDEN = {
     ("model.head.norm=BN",): "4a9fbfacec0c1055",
     ("scale=proxy_long",): "882e103b33aa371e",
     ("scale=smoke",): "420a539bc9b9f15f",
-    ("scale=paper",): "09487b8acdf8c60f",
+    ("scale=paper",): "452ab1e57f4ca688",  # lr steps at exactly 60k / 80k since 2026-11-29
 }
 
 
