@@ -21,8 +21,13 @@ detections scoring at least ``eval.visualize_score`` (red; `retina_sweep.visuali
 The metrics are logged to MLflow in their own experiment (``<tracking.experiment>-eval``), so that
 an evaluation is never taken for a trained cell: sweeps skip cells by their FINISHED training
 runs, and the report reads training runs only. The COCO results JSON
-(``coco_results.json``, detectron2's ``coco_instances_results.json``) and pycocotools' summary
-are written to the run's output folder and logged as artifacts.
+(``coco_results.json``, detectron2's ``coco_instances_results.json``), pycocotools' summary
+(``coco_summary.txt``) and the per-category AP (``per_category_AP.csv``: columns ``category``,
+``AP`` in points, one row per category in id order, empty AP for a category without ground
+truth in the val split) are written to the run's output folder and logged as artifacts
+(``eval/``). As detectron2's COCOEvaluator, the per-category AP (IoU 0.50:0.95, all areas, 100
+detections) is also printed as a table and logged as metrics ``AP-<category name>``
+(`retina_sweep.evaluation.per_category_metrics`).
 """
 
 from __future__ import annotations
@@ -117,7 +122,12 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
     """
     from .builders import build_datasets
     from .data.loader import build_loader
-    from .evaluation import evaluate
+    from .evaluation import (
+        evaluate,
+        format_per_category,
+        per_category_metrics,
+        per_category_table,
+    )
     from .train import check_data_files, pick_device
 
     validate(cfg)
@@ -181,9 +191,13 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
     final = {k: metrics[k] for k in EVAL_KEYS if k in metrics}
     step = iteration if iteration is not None else 0
     tracker.log_metrics({k: v for k, v in final.items() if not math.isnan(v)}, step=step)
+    per_category = metrics.get("per_category_AP") or {}
+    tracker.log_metrics(per_category_metrics(per_category), step=step)
     (out / "coco_summary.txt").write_text(str(metrics.get("summary", "")))
+    per_category_table(per_category).to_csv(out / "per_category_AP.csv", index=False)
     tracker.log_artifact(results, "eval")
     tracker.log_artifact(out / "coco_summary.txt", "eval")
+    tracker.log_artifact(out / "per_category_AP.csv", "eval")
     n_vis = int(OmegaConf.select(cfg, "eval.visualize", default=0) or 0)
     if n_vis:
         from .visualize import draw_detections
@@ -201,6 +215,8 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
         log.info("drew %d images with their detections under %s", len(drawn), out / "vis")
     tracker.finish("completed")
     log.info("COCO metrics: %s", ", ".join(f"{k}={v:.2f}" for k, v in final.items()))
+    if per_category:
+        log.info("Per-category bbox AP:\n%s", format_per_category(per_category))
     log.info("detections: %s", results)
     return metrics
 

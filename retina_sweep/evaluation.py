@@ -6,6 +6,10 @@ original image), and the average recalls AR1, AR10, AR100, ARs, ARm, ARl. A metr
 reports as -1 because no ground truth falls into its range (e.g. APl on a set without large
 objects) is returned as NaN rather than as a fake number; the raw COCOeval `stats` (12 values,
 0-1, -1 for absent) are returned too.
+
+Per-category AP (IoU 0.50:0.95, all areas, 100 detections), as detectron2's COCOEvaluator logs
+it (``bbox/AP-<name>``), is read off the same accumulated COCOeval (`per_category_ap`): no second
+evaluation, so it costs nothing even for COCO's 80 classes.
 """
 
 from __future__ import annotations
@@ -15,12 +19,15 @@ import copy
 import io
 import json
 import math
+import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
 import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -34,6 +41,10 @@ __all__ = [
     "Inference",
     "mean_ms_per_image",
     "merge_shards",
+    "per_category_ap",
+    "per_category_metrics",
+    "per_category_table",
+    "format_per_category",
     "shard_max_images",
     "to_coco_results",
     "STAT_NAMES",
@@ -114,7 +125,10 @@ def coco_evaluate(
     Returns:
         `{"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"}`
         in points (NaN where there is no ground truth in the range), plus `"stats"`: the raw
-        COCOeval stats list (0-1, -1 for absent), and `"summary"`: pycocotools' printed table.
+        COCOeval stats list (0-1, -1 for absent), `"summary"`: pycocotools' printed table, and
+        `"per_category_AP"`: `{category name: AP}` in points for each category of `coco_gt`
+        in id order (`per_category_ap`; NaN for a category without ground truth in the
+        evaluated images). The name is the category's ``name`` (its id when it has none).
     """
     _check_detections(coco_gt, detections)
     out = io.StringIO()
@@ -142,7 +156,108 @@ def coco_evaluate(
     }
     metrics["stats"] = stats
     metrics["summary"] = summary.getvalue()
+    metrics["per_category_AP"] = per_category_ap(
+        ev.eval["precision"], _category_names(coco_gt, ev.params.catIds)
+    )
     return metrics
+
+
+def _category_names(coco_gt: COCO, cat_ids: Sequence[int]) -> list[str]:
+    """The display name of each of `cat_ids`: its ``name``, else its id; a name that several
+    categories share gets ``" (id N)"`` appended, so that every category keeps its own AP."""
+    names = [str(coco_gt.cats[c].get("name") or c) for c in cat_ids]
+    shared = {n for n in names if names.count(n) > 1}
+    return [f"{n} (id {c})" if n in shared else n for n, c in zip(names, cat_ids, strict=True)]
+
+
+def per_category_ap(precision: np.ndarray, names: Sequence[str]) -> dict[str, float]:
+    """Per-category AP in points from COCOeval's accumulated precision, as detectron2 does.
+
+    Args:
+        precision: ``COCOeval.eval["precision"]`` after ``accumulate()``, shape (T, R, K, A, M):
+            T IoU thresholds (0.50:0.05:0.95), R recall thresholds (101), K categories (in
+            ``params.catIds`` order), A area ranges (index 0: all), M max-detection settings
+            (last: 100); -1 where a category has no ground truth.
+        names: (K,) the categories' names, in the order of axis 2; distinct.
+
+    Returns:
+        ``{name: AP}`` in the order of `names`: for category k the mean, in points (0-100), of
+        ``precision[:, :, k, 0, -1]`` over its entries > -1, i.e. the mean over IoU thresholds
+        and recall thresholds (COCO's 101-point interpolated AP), NaN when the category has no
+        ground truth in the evaluated images. When every category has ground truth the mean of
+        the values is COCOeval's ``stats[0]`` (AP) in points.
+    """
+    precision = np.asarray(precision)
+    if precision.ndim != 5:
+        raise ValueError(f"precision must be (T, R, K, A, M), got shape {precision.shape}")
+    if precision.shape[2] != len(names):
+        raise ValueError(f"{len(names)} names for {precision.shape[2]} categories")
+    if len(set(names)) != len(names):
+        raise ValueError(f"category names must be distinct: {list(names)}")
+    out: dict[str, float] = {}
+    for k, name in enumerate(names):
+        p = precision[:, :, k, 0, -1]
+        p = p[p > -1]
+        out[str(name)] = 100.0 * float(np.mean(p)) if p.size else math.nan
+    return out
+
+
+_MLFLOW_UNSAFE = re.compile(r"[^A-Za-z0-9_.\- ]")
+_MLFLOW_KEY_MAX = 250
+
+
+def per_category_metrics(
+    per_category: Mapping[str, float], prefix: str = "AP-"
+) -> dict[str, float]:
+    """`per_category_ap`'s values as MLflow metrics, ``{prefix + name: AP}``, NaN left out.
+
+    A name's characters other than ASCII letters, digits, ``_ - .`` and space become ``_`` (a
+    ``/`` too: MLflow would read it as a path), keys are cut to MLflow's 250 characters, and a
+    key that two names map to gets ``-2``, ``-3``, ... appended. No key equals a summary metric
+    (``AP``, ``AP50``, ...: none of them contains ``-``), so the objectives stay apart.
+    """
+    out: dict[str, float] = {}
+    for name, ap in per_category.items():
+        if ap is None or math.isnan(ap):
+            continue
+        key = (prefix + _MLFLOW_UNSAFE.sub("_", str(name)))[:_MLFLOW_KEY_MAX]
+        unique, n = key, 1
+        while unique in out:
+            n += 1
+            unique = f"{key[: _MLFLOW_KEY_MAX - len(str(n)) - 1]}-{n}"
+        out[unique] = float(ap)
+    return out
+
+
+def per_category_table(per_category: Mapping[str, float]) -> pd.DataFrame:
+    """`per_category_ap`'s mapping as a (K, 2) table: columns ``category`` and ``AP`` (points,
+    NaN for a category without ground truth), in category id order."""
+    return pd.DataFrame(
+        {"category": list(per_category), "AP": [float(v) for v in per_category.values()]}
+    )
+
+
+def format_per_category(per_category: Mapping[str, float], pairs_per_row: int = 3) -> str:
+    """detectron2's per-category table: a markdown (pipe) table of ``category | AP`` pairs,
+    `pairs_per_row` pairs a row, filled row by row, AP with 3 decimals (``nan`` without ground
+    truth); an empty string for no category."""
+    items = [(str(n), f"{float(v):.3f}") for n, v in per_category.items()]
+    if not items:
+        return ""
+    ncols = min(pairs_per_row, len(items))
+    rows = [
+        [cell for pair in items[i : i + ncols] for cell in pair]
+        for i in range(0, len(items), ncols)
+    ]
+    rows[-1] += [""] * (2 * ncols - len(rows[-1]))
+    header = ["category", "AP"] * ncols
+    widths = [max(len(r[j]) for r in [header, *rows]) for j in range(2 * ncols)]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+    rule = "|" + "|".join(":" + "-" * (w + 1) for w in widths) + "|"
+    return "\n".join([line(header), rule, *(line(r) for r in rows)])
 
 
 def to_coco_results(

@@ -771,8 +771,16 @@ def _run_worker(cfg: DictConfig, *, rank: int, world_size: int, local_rank: int)
     final |= {k: metrics[k] for k in ("num_images", "num_detections") if k in metrics}
     final["time_total_s"] = time.perf_counter() - t_start
     tracker.log_metrics(final, step=int(cfg.train.iterations))
+    # Per-category AP as `AP-<name>` (not in `final`: no objective, not in the report's tables).
+    from .evaluation import per_category_metrics, per_category_table
+
+    per_category = metrics.get("per_category_AP") or {}
+    tracker.log_metrics(per_category_metrics(per_category), step=int(cfg.train.iterations))
     if "summary" in metrics and tracker.run_id:
         tracker.log_text(str(metrics["summary"]), "eval/coco_summary.txt")
+    if per_category and tracker.run_id:
+        table = per_category_table(per_category).to_csv(index=False)
+        tracker.log_text(table, "eval/per_category_AP.csv")
     tracker.finish("completed")
     if rank == 0:
         shown = (f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in final.items())

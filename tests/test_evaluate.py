@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from helpers import compose_config
@@ -79,6 +80,15 @@ def test_a_trained_cell_evaluates_to_its_training_runs_metrics(tmp_path: Path) -
     assert {a.path for a in mlf.list_artifacts(ev.info.run_id, "eval")} == {
         "eval/coco_results.json",
         "eval/coco_summary.txt",
+        "eval/per_category_AP.csv",
+    }
+    # The training run's final metrics carry the per-category AP too (classes with val ground
+    # truth), and its table.
+    per_category = {f"AP-{k}": v for k, v in metrics["per_category_AP"].items() if v == v}
+    logged = {k: v for k, v in train_run.data.metrics.items() if k.startswith("AP-")}
+    assert per_category and logged == pytest.approx(per_category, abs=1e-9)
+    assert "eval/per_category_AP.csv" in {
+        a.path for a in mlf.list_artifacts(train_run.info.run_id, "eval")
     }
 
     # Other inference settings: another identity, so the checkpoint is given by path. The
@@ -138,6 +148,38 @@ def test_a_bare_state_dict_loads_and_wrong_weights_are_refused(tmp_path: Path) -
     )
     with pytest.raises(ConfigError, match=r"shape: "):
         evaluate_checkpoint(narrower)
+
+
+def test_per_category_ap_is_written_printed_and_logged(tmp_path: Path, caplog) -> None:
+    # Random weights, every candidate kept: some detections of every class.
+    cfg = _cfg(tmp_path, "model.inference.score_thresh=0.0")
+    torch.manual_seed(0)
+    model = instantiate(cfg.model, strategy=instantiate(cfg.loss), _convert_="all")
+    bare = tmp_path / "bare.pt"
+    torch.save(model.state_dict(), bare)
+    with caplog.at_level("INFO", logger="retina_sweep.evaluate"):
+        metrics = evaluate_checkpoint(
+            _cfg(tmp_path, "model.inference.score_thresh=0.0", f"eval.checkpoint={bare}")
+        )
+    (results,) = Path(tmp_path / "sweeps" / "eval").glob("*/coco_results.json")
+    table = pd.read_csv(results.parent / "per_category_AP.csv")
+    val = build_datasets(cfg.data, max_level=int(cfg.model.fpn.max_level)).val
+    names = [val.coco.cats[c]["name"] for c in sorted(val.coco.cats)]
+    with_gt = {val.coco.cats[a["category_id"]]["name"] for a in val.coco.anns.values()}
+    assert list(table.columns) == ["category", "AP"] and list(table["category"]) == names
+    assert list(metrics["per_category_AP"]) == names
+    ap = dict(zip(table["category"], table["AP"], strict=True))
+    for name, value in metrics["per_category_AP"].items():
+        assert ap[name] == pytest.approx(value, nan_ok=True), name
+    # A class without val ground truth is an empty cell, the others' mean is the AP.
+    assert {n for n in names if not np.isnan(ap[n])} == with_gt
+    assert np.mean([ap[n] for n in with_gt]) == pytest.approx(metrics["AP"])
+    assert "Per-category bbox AP:" in caplog.text and f"| {names[0]} " in caplog.text
+    mlf, (ev,) = _runs(tmp_path, "retina_sweep-eval")
+    logged = {k: v for k, v in ev.data.metrics.items() if k.startswith("AP-")}
+    assert logged == {f"AP-{n}": pytest.approx(ap[n]) for n in with_gt}  # NaN left out
+    artifacts = {a.path for a in mlf.list_artifacts(ev.info.run_id, "eval")}
+    assert "eval/per_category_AP.csv" in artifacts
 
 
 def test_a_missing_checkpoint_is_one_line_and_exit_status_2(tmp_path: Path) -> None:

@@ -12,13 +12,23 @@ import pytest
 import torch
 from PIL import Image
 
+from retina_sweep.config import OBJECTIVES
 from retina_sweep.data.coco import CocoDetection, load_coco
 from retina_sweep.data.loader import build_loader
-from retina_sweep.evaluation import coco_evaluate, evaluate, to_coco_results
+from retina_sweep.evaluation import (
+    coco_evaluate,
+    evaluate,
+    format_per_category,
+    per_category_ap,
+    per_category_metrics,
+    per_category_table,
+    to_coco_results,
+)
 
 
-def _gt(tmp_path, boxes_per_image, cats=(1,), sizes=None):
-    """A COCO ground truth: boxes_per_image[i] = [(cat, [x, y, w, h]), ...] for image i + 1."""
+def _gt(tmp_path, boxes_per_image, cats=(1,), sizes=None, names=None):
+    """A COCO ground truth: boxes_per_image[i] = [(cat, [x, y, w, h]), ...] for image i + 1;
+    `names` = {cat: name} gives categories a name (else they have none)."""
     images, anns = [], []
     for i, boxes in enumerate(boxes_per_image):
         h, w = sizes[i] if sizes else (200, 200)
@@ -34,7 +44,8 @@ def _gt(tmp_path, boxes_per_image, cats=(1,), sizes=None):
                     "iscrowd": 0,
                 }
             )
-    data = {"images": images, "annotations": anns, "categories": [{"id": c} for c in cats]}
+    categories = [{"id": c, **({"name": names[c]} if names else {})} for c in cats]
+    data = {"images": images, "annotations": anns, "categories": categories}
     path = tmp_path / "gt.json"
     path.write_text(json.dumps(data))
     return load_coco(path)
@@ -358,3 +369,149 @@ def test_detections_on_a_crowd_region_are_not_false_positives(tmp_path):
     path.write_text(json.dumps(data))
     m = coco_evaluate(load_coco(path), [found, *on_crowd])
     assert m["AP"] < 50.0
+
+
+# ---- per-category AP ------------------------------------------------------------------------------
+
+HALF = 100 * 51 / 101  # 2 of 4 found, no false positive (test_half_found_exactly)
+
+
+def _four_classes(tmp_path):
+    """cat 1 "person": found exactly; cat 2 "traffic light": its one detection lies elsewhere;
+    cat 3 "bird": 2 of 4 found; cat 4 "a/b": no ground truth, one detection."""
+    person, light = [0, 0, 50, 50], [100, 100, 50, 50]
+    gt = _gt(
+        tmp_path,
+        [[(1, person), (2, light)], [(3, b) for _, b in FOUR]],
+        cats=(1, 2, 3, 4),
+        names={1: "person", 2: "traffic light", 3: "bird", 4: "a/b"},
+    )
+    dets = [
+        _det(1, person, 0.9, cat=1),
+        _det(1, [0, 100, 50, 50], 0.9, cat=2),  # IoU 0 with the light
+        _det(2, FOUR[0][1], 0.9, cat=3),
+        _det(2, FOUR[1][1], 0.8, cat=3),
+        _det(1, [60, 60, 20, 20], 0.7, cat=4),
+    ]
+    return gt, dets
+
+
+def test_per_category_ap_by_hand(tmp_path):
+    gt, dets = _four_classes(tmp_path)
+    m = coco_evaluate(gt, dets)
+    per = m["per_category_AP"]
+    assert list(per) == ["person", "traffic light", "bird", "a/b"]  # category id order
+    assert per["person"] == pytest.approx(100.0)
+    assert per["traffic light"] == pytest.approx(0.0)
+    assert per["bird"] == pytest.approx(HALF)
+    assert math.isnan(per["a/b"])  # no ground truth: undefined, not 0
+    # COCOeval's own AP (stats[0]) is the mean over the classes with ground truth.
+    assert m["AP"] == pytest.approx((100.0 + 0.0 + HALF) / 3)
+    assert m["stats"][0] == pytest.approx((1.0 + 0.0 + 51 / 101) / 3)
+    # The summary metrics mean what they meant before.
+    assert m["AP50"] == pytest.approx((100.0 + 0.0 + HALF) / 3)
+
+
+def test_per_category_ap_equals_pycocotools_for_one_class(tmp_path):
+    # The false positive ranked first (test_half_found_after_a_false_positive): 34 / 101.
+    gt = _gt(tmp_path, [FOUR], names={1: "bird"})
+    dets = [_det(1, [60, 60, 30, 30], 0.95), _det(1, FOUR[0][1], 0.9), _det(1, FOUR[1][1], 0.8)]
+    m = coco_evaluate(gt, dets)
+    assert m["per_category_AP"] == {"bird": pytest.approx(100 * 34 / 101)}
+    assert m["per_category_AP"]["bird"] == pytest.approx(100 * m["stats"][0], abs=1e-12)
+    # A category without a name is shown by its id.
+    unnamed = coco_evaluate(
+        _gt(tmp_path, [[(1, [0, 0, 100, 100])]]), [_det(1, [0, 0, 100, 62], 0.9)]
+    )
+    assert unnamed["per_category_AP"] == {"1": pytest.approx(30.0)}  # test_iou_thresholds
+
+
+def test_per_category_ap_of_the_evaluated_images_only(tmp_path):
+    # Restricted to image 1, "bird" (image 2 only) has no ground truth: NaN, out of the mean.
+    gt, dets = _four_classes(tmp_path)
+    m = coco_evaluate(gt, [d for d in dets if d["image_id"] == 1], img_ids=[1])
+    per = m["per_category_AP"]
+    assert per["person"] == pytest.approx(100.0) and per["traffic light"] == pytest.approx(0.0)
+    assert math.isnan(per["bird"]) and math.isnan(per["a/b"])
+    assert m["AP"] == pytest.approx(50.0)
+
+
+def test_per_category_ap_reads_iou_mean_all_areas_100_detections():
+    # (T=10, R=101, K=3, A=4, M=3). Category 0: 0.5 in the all-areas / 100-detections slice and
+    # 0.9 elsewhere; category 1: half its entries -1 (left out of the mean, not counted as 0),
+    # the rest 0.4, and 0.2 at IoU 0.50 only; category 2: no ground truth (-1 throughout).
+    p = np.full((10, 101, 3, 4, 3), 0.9)
+    p[:, :, 0, 0, -1] = 0.5
+    p[:, :, 1, 0, -1] = 0.4
+    p[0, :, 1, 0, -1] = 0.2
+    p[:, 50:, 1, 0, -1] = -1.0
+    p[:, :, 2] = -1.0
+    got = per_category_ap(p, ["a", "b", "c"])
+    assert got["a"] == pytest.approx(50.0)
+    assert got["b"] == pytest.approx(100 * (9 * 0.4 + 0.2) / 10)  # 38: mean over IoUs
+    assert math.isnan(got["c"])
+    with pytest.raises(ValueError, match="2 names for 3 categories"):
+        per_category_ap(p, ["a", "b"])
+    with pytest.raises(ValueError, match="distinct"):
+        per_category_ap(p, ["a", "a", "c"])
+
+
+def test_duplicate_category_names_keep_their_own_ap(tmp_path):
+    gt = _gt(
+        tmp_path,
+        [[(1, [0, 0, 50, 50]), (2, [100, 100, 50, 50])]],
+        cats=(1, 2),
+        names={1: "x", 2: "x"},
+    )
+    m = coco_evaluate(gt, [_det(1, [0, 0, 50, 50], 0.9, cat=1)])
+    assert m["per_category_AP"] == {"x (id 1)": pytest.approx(100.0), "x (id 2)": 0.0}
+
+
+def test_per_category_metrics_are_valid_mlflow_keys_apart_from_the_objectives():
+    from mlflow.utils.validation import _validate_metric_name
+
+    per = {
+        "person": 55.5,
+        "traffic light": 0.0,
+        "a/b": 3.0,
+        "a_b": 4.0,
+        "ü:x": 1.0,
+        "none": math.nan,
+    }
+    got = per_category_metrics(per)
+    assert got == {
+        "AP-person": 55.5,
+        "AP-traffic light": 0.0,
+        "AP-a_b": 3.0,  # "/" would make a path of the name
+        "AP-a_b-2": 4.0,  # the same key after sanitising: numbered, not overwritten
+        "AP-__x": 1.0,
+    }
+    for key in got:
+        _validate_metric_name(key)
+        assert key not in OBJECTIVES
+    long = per_category_metrics({"n" * 300: 1.0})
+    assert [len(k) for k in long] == [250]
+
+
+def test_per_category_table_and_detectron2_style_text(tmp_path):
+    gt, dets = _four_classes(tmp_path)
+    per = coco_evaluate(gt, dets)["per_category_AP"]
+    table = per_category_table(per)
+    assert list(table.columns) == ["category", "AP"]
+    assert list(table["category"]) == ["person", "traffic light", "bird", "a/b"]
+    assert table["AP"].iloc[2] == pytest.approx(HALF) and math.isnan(table["AP"].iloc[3])
+    text = format_per_category(per).splitlines()
+    # Three category / AP pairs a row, filled row by row; columns padded to a common width.
+    assert [c.strip() for c in text[0].split("|")[1:-1]] == ["category", "AP"] * 3
+    assert text[1] == "|:---------|:--------|:--------------|:------|:---------|:-------|"
+    assert len({len(line) for line in text}) == 1
+    assert [c.strip() for c in text[2].split("|")[1:-1]] == [
+        "person",
+        "100.000",
+        "traffic light",
+        "0.000",
+        "bird",
+        f"{HALF:.3f}",
+    ]
+    assert [c.strip() for c in text[3].split("|")[1:-1]] == ["a/b", "nan", "", "", "", ""]
+    assert format_per_category({}) == ""
