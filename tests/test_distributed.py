@@ -394,6 +394,49 @@ def test_sharded_evaluation_equals_one_process(tmp_path: Path) -> None:
     assert all(0 < v < 10_000 for _, v in ddp_val["val_ms_per_image"])
 
 
+def _distinct(digests: list[str]) -> list[str]:
+    """`digests` without consecutive repeats: one per evaluation (the buffers are constant within
+    one, and each training step in between changes them)."""
+    return [d for i, d in enumerate(digests) if i == 0 or d != digests[i - 1]]
+
+
+@pytest.mark.slow
+def test_sharded_evaluation_runs_every_shard_with_rank0_batchnorm_statistics(
+    tmp_path: Path,
+) -> None:
+    """Trainable BatchNorm (the smoke backbone's `bn`, and one BN per level in the heads): each
+    rank updates the running statistics from its own images in its last training forward, so
+    before each evaluation the ranks take rank 0's buffers. Every shard of the periodic and final
+    evaluations is then run with the same buffers, the checkpointed ones, and the sharded metrics
+    are those of one process evaluating rank 0's checkpoint."""
+    overrides = [*_eval_overrides(tmp_path, 2), "model.backbone.norm=bn", "model.head.norm=BN"]
+    rc, ap_ddp, out = run_with_deadline(overrides, DEADLINE)
+    assert rc == 0, out
+    forwards = read_log(tmp_path / "forwards.jsonl")
+    by_rank = {r: _distinct([f["buffers"] for f in forwards if f["rank"] == r]) for r in (0, 1)}
+    # the periodic evaluations at steps 1 and 2 and the final one, each with its own statistics
+    assert len(by_rank[0]) == 3, by_rank
+    assert by_rank[1] == by_rank[0]
+
+    # The same cell again in one process: it finds the finished checkpoint and only evaluates it.
+    single = [*overrides, "train.devices=1"]
+    rc, ap_single, out = run_with_deadline(single, DEADLINE)
+    assert rc == 0, out
+    evaluated = read_log(tmp_path / "forwards.jsonl")[len(forwards) :]
+    assert {f["rank"] for f in evaluated} == {0}
+    assert _distinct([f["buffers"] for f in evaluated]) == by_rank[0][-1:]
+
+    _, runs = _runs(tmp_path)
+    assert [r.data.tags["outcome"] for r in runs] == ["completed", "completed"]
+    assert runs[1].data.tags["resumed_from_iteration"] == "3"  # nothing trained
+    ddp, one = runs[0].data.metrics, runs[1].data.metrics
+    assert ddp["num_images"] == one["num_images"] == 8
+    assert ddp["num_detections"] > 0
+    for key in ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100", "num_detections"):
+        assert _same(ddp[key], one[key]), (key, ddp[key], one[key])
+    assert _same(ap_ddp, ap_single)
+
+
 def _same(a: float, b: float) -> bool:
     return a == b or (math.isnan(a) and math.isnan(b))
 
