@@ -17,6 +17,7 @@ each worker (tests/ must be on the workers' PYTHONPATH, which `run_with_deadline
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -24,6 +25,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -182,3 +184,17 @@ def run_command_with_deadline(cmd: list[str], timeout: float, **popen: Any) -> t
             f"the run did not finish within {timeout:.0f} s (a hang?); its output:\n{output}"
         ) from None
     return proc.returncode, output
+
+
+@contextlib.contextmanager
+def started(cmd: list[str], **popen: Any) -> Iterator[subprocess.Popen]:
+    """`cmd` started in its own process group, for a test to watch while it runs; the group (a
+    torchrun agent and its ranks) is killed on leaving the block if `cmd` is still running, so a
+    failed or timed-out wait (`proc.wait(timeout=...)`) leaves no process behind."""
+    proc = subprocess.Popen(cmd, start_new_session=True, **popen)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
