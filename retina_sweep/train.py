@@ -17,6 +17,7 @@ the same experiment resumes where it stopped. A non-finite loss ends the run as 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -38,7 +39,7 @@ from .tracking import RunTracker, config_params, tracker_from_config
 
 log = logging.getLogger(__name__)
 
-__all__ = ["run", "train", "Diverged", "TrialPruned", "lr_factor", "resolve_lr"]
+__all__ = ["run", "cell_lock", "train", "Diverged", "TrialPruned", "lr_factor", "resolve_lr"]
 
 
 class Diverged(RuntimeError):
@@ -638,31 +639,26 @@ def run(cfg: DictConfig) -> float:
     `objective` (nan if it diverged).
 
     With `train.devices > 1` (and not already inside a worker) the work is spawned over that many
-    processes by `retina_sweep.distributed.launch`.
+    processes by `retina_sweep.distributed.launch`. One process at a time trains a cell (see
+    `cell_lock`): the launching process holds the cell's lock for the run, or rank 0 of an
+    external launch (`torchrun`).
     """
     validate(cfg)
     pick_device(cfg.device)  # device=cuda without CUDA: stop before any data or model is made
     check_data_files(cfg)
     if "LOCAL_RANK" not in os.environ:
-        # One process at a time per cell: two sweeps that share cells (alpha and gamma share
-        # three), or two Optuna workers that drew the same point, would otherwise train into one
-        # checkpoint at once. The second waits, then resumes the first one's checkpoint (only
-        # evaluating it when it is finished). Held by the launching process, not the DDP ranks.
-        from .locks import exclusive
-
-        lock = Path(cfg.paths.checkpoints) / config_hash(cfg) / ".lock"
-
-        def waiting() -> None:
-            log.info("another process is training this cell (%s); waiting for it", lock.parent)
-
-        with exclusive(lock, on_wait=waiting):
+        # Held by the launching process, not by the DDP ranks it spawns.
+        with cell_lock(cfg):
             if int(cfg.train.devices) > 1:
                 from .distributed import launch
 
                 return launch(cfg)
             return _run_here(cfg)
     world = int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1 and not torch.distributed.is_initialized():
+    if torch.distributed.is_initialized():
+        # Already one rank of a joined launch: whoever joined it holds the cell.
+        return _run_here(cfg)
+    if world > 1:
         # One rank of an external launch (`torchrun`, over one node or several): each rank ran
         # this entry point itself; it joins the launch's process group here.
         if int(cfg.train.batch_size) % world:
@@ -672,9 +668,44 @@ def run(cfg: DictConfig) -> float:
             )
         from .distributed import joined
 
-        with joined(cfg):
+        with joined(cfg), cell_lock(cfg, ranks=True):
             return _run_here(cfg)
-    return _run_here(cfg)
+    # A launcher's only process (`torchrun --nproc_per_node=1`): one process, locked as one.
+    with cell_lock(cfg):
+        return _run_here(cfg)
+
+
+@contextlib.contextmanager
+def cell_lock(cfg: DictConfig, *, ranks: bool = False) -> Iterator[None]:
+    """Hold the cell's lock, `paths.checkpoints/<config hash>/.lock`, inside the block, waiting
+    (and saying so) while another process holds it.
+
+    Two sweeps that share cells (alpha and gamma share three), two Optuna workers that drew the
+    same point, or a sweep and a `torchrun` of the same config would otherwise train into one
+    checkpoint at once. The second waits, then resumes the first one's checkpoint (only
+    evaluating it when it is finished).
+
+    `ranks=True`: called by every rank of a joined process group. Rank 0, the one that writes
+    the checkpoints, takes the lock; the others wait for it at a barrier, so that none of them
+    starts on the cell (building its model, resuming the checkpoint the other process is still
+    advancing) while another process trains it. They wait there up to the process group's timeout
+    (`distributed.collective_timeout`), after which the launch fails rather than hangs.
+    """
+    from .locks import exclusive
+
+    lock = Path(cfg.paths.checkpoints) / config_hash(cfg) / ".lock"
+
+    def waiting() -> None:
+        log.info("another process is training this cell (%s); waiting for it", lock.parent)
+
+    if not ranks:
+        with exclusive(lock, on_wait=waiting):
+            yield
+        return
+    rank0 = torch.distributed.get_rank() == 0
+    with exclusive(lock, on_wait=waiting) if rank0 else contextlib.nullcontext():
+        torch.distributed.barrier()
+        yield
 
 
 def _run_here(cfg: DictConfig) -> float:

@@ -10,18 +10,22 @@ each worker (tests/ must be on the workers' PYTHONPATH, which `run_with_deadline
 - `PruneAt` (as `pruning._target_`): a pruner that asks to stop at the first evaluation at or
   after `step`, and writes down on which ranks it was built, asked and told;
 - `recording_model` (as `model._target_`): the detector, which writes down each inference
-  forward (eval mode) with its rank and a checksum of each image it was given, to see which rank
-  inferred which images.
+  forward (eval mode) with its rank, a checksum of each image it was given (to see which rank
+  inferred which images) and a digest of its buffers (to see which BatchNorm running statistics
+  each rank evaluated with).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import math
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -94,9 +98,20 @@ class PruneAt:
         return math.nan
 
 
+def buffer_digest(module: Any) -> str:
+    """A digest of the bytes of every buffer of `module` (BatchNorm running statistics among
+    them), in their order: equal only for bitwise-equal buffers."""
+    digest = hashlib.sha1()
+    for name, buffer in module.named_buffers():
+        digest.update(name.encode())
+        digest.update(buffer.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def recording_model(*, record: str, **kw: Any):
     """`retina_sweep.builders.build_model(**kw)` that appends a JSON line `{"rank", "images":
-    [checksum of each unpadded image]}` to `record` at each forward in eval mode."""
+    [checksum of each unpadded image], "buffers": buffer_digest(model)}` to `record` at each
+    forward in eval mode."""
     from retina_sweep.builders import build_model
 
     model = build_model(**kw)
@@ -109,7 +124,8 @@ def recording_model(*, record: str, **kw: Any):
             round(float(im[:, :h, :w].sum()), 3) for im, (h, w) in zip(images, sizes, strict=True)
         ]
         with open(record, "a") as f:
-            f.write(json.dumps({"rank": _rank(), "images": sums}) + "\n")
+            row = {"rank": _rank(), "images": sums, "buffers": buffer_digest(module)}
+            f.write(json.dumps(row) + "\n")
 
     model.register_forward_pre_hook(hook, with_kwargs=True)
     return model
@@ -168,3 +184,17 @@ def run_command_with_deadline(cmd: list[str], timeout: float, **popen: Any) -> t
             f"the run did not finish within {timeout:.0f} s (a hang?); its output:\n{output}"
         ) from None
     return proc.returncode, output
+
+
+@contextlib.contextmanager
+def started(cmd: list[str], **popen: Any) -> Iterator[subprocess.Popen]:
+    """`cmd` started in its own process group, for a test to watch while it runs; the group (a
+    torchrun agent and its ranks) is killed on leaving the block if `cmd` is still running, so a
+    failed or timed-out wait (`proc.wait(timeout=...)`) leaves no process behind."""
+    proc = subprocess.Popen(cmd, start_new_session=True, **popen)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

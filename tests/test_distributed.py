@@ -4,13 +4,14 @@ run, and when one of them crashes (no hang; tests/ddp_faults.py injects the faul
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import math
 from pathlib import Path
 
 import pytest
 import torch
-from ddp_faults import read_log, run_command_with_deadline, run_with_deadline
+from ddp_faults import read_log, run_command_with_deadline, run_with_deadline, started
 from helpers import compose_config
 from hydra.utils import instantiate
 from mlflow.tracking import MlflowClient
@@ -124,6 +125,71 @@ def test_two_torchrun_ranks_equal_one_process(tmp_path: Path) -> None:
     )
     assert code != 0
     assert "train.batch_size=3: the global batch must divide among the WORLD_SIZE=2" in output
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_wait_for_a_cell_another_process_trains(tmp_path: Path) -> None:
+    """Under torchrun as under `train.devices`, one process at a time trains a cell: rank 0 takes
+    the cell's lock, saying it waits while another process holds it, and no rank trains until
+    it has; after the release the launch trains the cell."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from retina_sweep.locks import exclusive
+
+    overrides = [*_overrides(tmp_path, "torchrun", 1), "train.checkpoint_every=1"]
+    cell = tmp_path / "torchrun" / "checkpoints" / config_hash(compose_config(overrides))
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += ["-m", "retina_sweep", *overrides]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    log = tmp_path / "torchrun.log"
+    deadline = time.monotonic() + 150
+    with open(log, "w") as out, contextlib.ExitStack() as held:
+        held.enter_context(exclusive(cell / ".lock"))  # another process, training this cell
+        with started(cmd, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT) as proc:
+            while "another process is training this cell" not in log.read_text():
+                assert proc.poll() is None, log.read_text()  # it ran without waiting
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.2)
+            time.sleep(2.0)
+            assert proc.poll() is None, log.read_text()  # still waiting
+            assert not (cell / "last.pt").exists()  # no step taken (a checkpoint at each)
+            assert "training precision" not in log.read_text()  # rank 0 has built no model
+            held.close()  # released: the ranks train the cell; a hang is killed at the deadline
+            code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+            assert code == 0, log.read_text()
+    assert torch.load(cell / "last.pt", weights_only=True)["iteration"] == 3
+
+
+def test_a_single_process_launch_holds_the_cell_lock(tmp_path: Path, monkeypatch) -> None:
+    """`torchrun --nproc_per_node=1` (LOCAL_RANK set, WORLD_SIZE=1) trains as one process does:
+    holding the cell's lock for the run."""
+    import fcntl
+
+    cfg = compose_config(["scale=smoke", f"paths.root={tmp_path}", "tracking=none"])
+    lock = Path(cfg.paths.checkpoints) / config_hash(cfg) / ".lock"
+    lock.parent.mkdir(parents=True)
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(key, value)
+    held = []
+
+    def training(cfg) -> float:
+        # Another open file description of the lock: it can take the lock only if nobody holds it.
+        with open(lock, "a+") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                held.append(True)
+            else:
+                held.append(False)
+        return 1.0
+
+    monkeypatch.setattr("retina_sweep.train._run_here", training)
+    assert run(cfg) == 1.0
+    assert held == [True]
 
 
 def _assert_same_training(cfg, root_a: Path, root_b: Path) -> None:
@@ -392,6 +458,49 @@ def test_sharded_evaluation_equals_one_process(tmp_path: Path) -> None:
     # the mean of the ranks' per-image forward times: a per-device latency
     assert 0 < ddp["ms_per_image"] < 10_000
     assert all(0 < v < 10_000 for _, v in ddp_val["val_ms_per_image"])
+
+
+def _distinct(digests: list[str]) -> list[str]:
+    """`digests` without consecutive repeats: one per evaluation (the buffers are constant within
+    one, and each training step in between changes them)."""
+    return [d for i, d in enumerate(digests) if i == 0 or d != digests[i - 1]]
+
+
+@pytest.mark.slow
+def test_sharded_evaluation_runs_every_shard_with_rank0_batchnorm_statistics(
+    tmp_path: Path,
+) -> None:
+    """Trainable BatchNorm (the smoke backbone's `bn`, and one BN per level in the heads): each
+    rank updates the running statistics from its own images in its last training forward, so
+    before each evaluation the ranks take rank 0's buffers. Every shard of the periodic and final
+    evaluations is then run with the same buffers, the checkpointed ones, and the sharded metrics
+    are those of one process evaluating rank 0's checkpoint."""
+    overrides = [*_eval_overrides(tmp_path, 2), "model.backbone.norm=bn", "model.head.norm=BN"]
+    rc, ap_ddp, out = run_with_deadline(overrides, DEADLINE)
+    assert rc == 0, out
+    forwards = read_log(tmp_path / "forwards.jsonl")
+    by_rank = {r: _distinct([f["buffers"] for f in forwards if f["rank"] == r]) for r in (0, 1)}
+    # the periodic evaluations at steps 1 and 2 and the final one, each with its own statistics
+    assert len(by_rank[0]) == 3, by_rank
+    assert by_rank[1] == by_rank[0]
+
+    # The same cell again in one process: it finds the finished checkpoint and only evaluates it.
+    single = [*overrides, "train.devices=1"]
+    rc, ap_single, out = run_with_deadline(single, DEADLINE)
+    assert rc == 0, out
+    evaluated = read_log(tmp_path / "forwards.jsonl")[len(forwards) :]
+    assert {f["rank"] for f in evaluated} == {0}
+    assert _distinct([f["buffers"] for f in evaluated]) == by_rank[0][-1:]
+
+    _, runs = _runs(tmp_path)
+    assert [r.data.tags["outcome"] for r in runs] == ["completed", "completed"]
+    assert runs[1].data.tags["resumed_from_iteration"] == "3"  # nothing trained
+    ddp, one = runs[0].data.metrics, runs[1].data.metrics
+    assert ddp["num_images"] == one["num_images"] == 8
+    assert ddp["num_detections"] > 0
+    for key in ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100", "num_detections"):
+        assert _same(ddp[key], one[key]), (key, ddp[key], one[key])
+    assert _same(ap_ddp, ap_single)
 
 
 def _same(a: float, b: float) -> bool:
