@@ -426,6 +426,78 @@ def test_a_bad_storage_url_stops_the_sweep_naming_the_key(tmp_path: Path, storag
     assert not (tmp_path / "trials.log").exists()
 
 
+def test_a_storage_password_is_not_shown_when_the_storage_cannot_be_opened(
+    tmp_path: Path,
+) -> None:
+    # Before: the ConfigError quoted the URL whole, password included.
+    storage = "postgresql+psycopg2://u:s3cret@127.0.0.1:1/optuna"  # nothing listens on port 1
+    proc = standin(tmp_path, "hydra.sweeper.n_trials=1", f"hydra.sweeper.storage={storage}")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2, out
+    assert "hydra.sweeper.storage=postgresql+psycopg2://u:***@127.0.0.1:1/optuna: cannot" in out
+    assert "s3cret" not in out
+
+
+PASSWORD_DB = """
+import os, runpy, sys
+import retina_sweep.optuna_pruning as op
+
+real = op.make_storage
+URL = "postgresql://u:s3cret@db.example/optuna"
+connected = []
+
+
+def make_storage(spec, **kwargs):
+    # A database URL with a password, served by a journal file: what connects gets the real URL.
+    if spec != URL:
+        raise AssertionError("a storage opened with another URL than the one given")
+    with open("connections.log", "a") as fh:
+        fh.write("ok\\n")
+    return real("journal:" + os.path.abspath("password_db.log"))
+
+
+op.make_storage = make_storage
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_storage_password_is_neither_logged_nor_recorded(tmp_path: Path) -> None:
+    # Before: Hydra's launcher logged each job's overrides (pruning={storage:'postgresql://u:
+    # s3cret@...'}), and the parent run's sweep/definition.json and multirun.yaml held the URL.
+    proc = standin(
+        tmp_path,
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.sampler=random",
+        "hydra.sweeper.pruner=median",
+        "hydra.sweeper.storage=postgresql://u:s3cret@db.example/optuna",
+        "tracking.enabled=true",
+        f"+tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+        "+tracking.experiment=retina_sweep",
+        "+tracking.parent_run_id=null",
+        python=("-c", PASSWORD_DB),
+    )
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert "storage:'postgresql://u:***@db.example/optuna',study_name" in out  # Hydra's log
+    assert "s3cret" not in out
+    # The sweeper and both trials' pruning callbacks connected, with the real URL.
+    assert (tmp_path / "connections.log").read_text().split() == ["ok"] * 3
+    s = optuna.load_study(
+        study_name="standin", storage=make_storage(f"journal:{tmp_path}/password_db.log")
+    )
+    assert [t.state for t in s.trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    mlf = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    (parent,) = mlf.search_runs([mlf.get_experiment_by_name("retina_sweep").experiment_id])
+    local = mlf.download_artifacts(parent.info.run_id, "sweep/definition.json", str(tmp_path))
+    assert json.loads(Path(local).read_text())["storage"] == "postgresql://u:***@db.example/optuna"
+    # Nothing written holds it but Hydra's own record of each job's command line (`.hydra/`).
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and ".hydra" not in p.parts]
+    assert any(p.name == "multirun.yaml" for p in written)
+    for path in written:
+        assert b"s3cret" not in path.read_bytes(), path
+
+
 def test_a_relative_sqlite_storage_is_the_same_database_for_every_job(tmp_path: Path) -> None:
     from hydra_plugins.retina_sweep_optuna.optuna_sweeper import absolute_storage
 

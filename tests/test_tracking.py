@@ -59,3 +59,70 @@ def test_a_deleted_experiment_is_a_clear_error(tmp_path: Path) -> None:
     mlf.delete_experiment(mlf.create_experiment("gone"))
     with pytest.raises(ConfigError, match=r"tracking\.experiment=gone: .* deleted .* restore"):
         RunTracker(uri=uri, experiment="gone").start(tags={}, params={})
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://user:secret@host/db",
+        "postgresql+psycopg2://u:p%40ss:w/rd@127.0.0.1:5432/optuna",
+        "mysql+pymysql://u:secret@h:3306/db?charset=utf8mb4",
+        "postgresql://user@host/db",
+        "sqlite:////abs/optuna.db",
+    ],
+)
+def test_redact_masks_a_password_as_sqlalchemy_does(url: str) -> None:
+    from sqlalchemy import make_url
+
+    from retina_sweep.tracking import redact
+
+    assert redact(url) == make_url(url).render_as_string(hide_password=True)
+    assert redact(f"storage:'{url}',x:1 ({url})") == (
+        f"storage:'{redact(url)}',x:1 ({redact(url)})"
+    )
+
+
+def test_a_run_records_no_password_of_a_url(tmp_path: Path) -> None:
+    # The Optuna sweeper gives every trial its storage URL (pruning.storage), and tracking.uri may
+    # carry credentials: both reached the run's params, config/resolved.yaml and overrides.txt.
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    storage = "postgresql://u:s3cret@db.example/optuna"
+    server = "http://me:s3cret@mlflow.example:5000"
+    tracker = RunTracker(uri=uri)
+    run_id = tracker.start(
+        tags={"cell": f"storage={storage}"},
+        params={"pruning.storage": storage, "tracking.uri": server},
+    )
+    tracker.log_text(f"pruning:\n  storage: {storage}\n", "config/resolved.yaml")
+    tracker.log_dict({"storage": storage, "uris": [server]}, "config/uris.json")
+    tracker.finish("failed", error=f"OperationalError: cannot reach {storage}")
+    run = MlflowClient(tracking_uri=uri).get_run(run_id)
+    assert run.data.params["pruning.storage"] == "postgresql://u:***@db.example/optuna"
+    assert run.data.params["tracking.uri"] == "http://me:***@mlflow.example:5000"
+    assert run.data.tags["error"] == (
+        "OperationalError: cannot reach postgresql://u:***@db.example/optuna"
+    )
+    # Nowhere in the store, nor in the artifacts.
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.name == "resolved.yaml" for p in written)
+    for path in written:
+        assert b"s3cret" not in path.read_bytes(), path
+
+
+def test_log_records_made_in_redacted_log_records_show_no_password(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import logging
+
+    from retina_sweep.tracking import redacted_log_records
+
+    logger = logging.getLogger("hydra.core.utils")  # where Hydra's launchers log job overrides
+    line = "\t#0 : x=1 pruning={storage:'postgresql://u:s3cret@h/db',trial_number:0}"
+    with caplog.at_level(logging.INFO):
+        with redacted_log_records():
+            logger.info("%s", line)
+            logger.info(line)
+        logger.info("%s", line)  # outside: as it was
+    assert caplog.messages == [line.replace("s3cret", "***")] * 2 + [line]

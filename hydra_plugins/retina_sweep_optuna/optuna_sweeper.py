@@ -150,18 +150,20 @@ def open_storage(spec: str, heartbeat_s: int | None = None):
     is not installed, a server that does not answer, a directory that does not exist)."""
     from retina_sweep.config import ConfigError
     from retina_sweep.optuna_pruning import make_storage
+    from retina_sweep.tracking import redact
 
     try:
         return make_storage(spec, heartbeat_s=heartbeat_s)
     except Exception as exc:  # SQLAlchemy's, the driver's, or the file system's
-        message = " ".join(str(exc).split("(Background on this error")[0].split())
+        # The URL's password is not shown (SQLAlchemy's parse errors quote the URL whole).
+        message = redact(" ".join(str(exc).split("(Background on this error")[0].split()))
         if "://" not in spec:
             message += (
                 " (a storage is a database URL, sqlite:///file.db or postgresql://..., or "
                 "journal:/path/file.log)"
             )
         raise ConfigError(
-            f"hydra.sweeper.storage={spec}: cannot open the study's storage: "
+            f"hydra.sweeper.storage={redact(spec)}: cannot open the study's storage: "
             f"{type(exc).__name__}: {message}"
         ) from None
 
@@ -695,7 +697,11 @@ class RetinaOptunaSweeper(Sweeper):
         # does, instead of ending the process with the parent RUNNING; worker processes get
         # either signal forwarded and `grace_s` seconds to record their trials
         # (retina_sweep.signals).
-        with terminate_as_interrupt(grace_s=self.opts.grace_s):
+        # Hydra's launchers log every job's overrides, the storage URL among them (the job's
+        # pruning callback connects with it): its password is logged as ***.
+        from retina_sweep.tracking import redacted_log_records
+
+        with terminate_as_interrupt(grace_s=self.opts.grace_s), redacted_log_records():
             return self._sweep(arguments)
 
     def _retina(self) -> bool:
@@ -759,6 +765,7 @@ class RetinaOptunaSweeper(Sweeper):
         from retina_sweep.config import ConfigError
         from retina_sweep.optuna_pruning import PRUNED_ATTR
         from retina_sweep.sweep import Progress, format_value
+        from retina_sweep.tracking import redact
 
         name = OmegaConf.select(self.config, "sweep.name") or "optuna"
         with stop_before_trials(f"[{name}] stopped before any trial", self._retina()):
@@ -792,7 +799,8 @@ class RetinaOptunaSweeper(Sweeper):
                 )
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        # As OmegaConf.save writes it, with the password of a storage or tracking URL as ***.
+        (sweep_dir / "multirun.yaml").write_text(redact(OmegaConf.to_yaml(self.config)))
         n_trials = int(self.opts.n_trials)
         parent = self._parent(study_name, spec, space)
         if max_iterations is None:
@@ -984,6 +992,8 @@ class RetinaOptunaSweeper(Sweeper):
     def _tell(self, study, trial, result, pruned_attr: str) -> str:
         import optuna
 
+        from retina_sweep.tracking import redact
+
         TrialState = optuna.trial.TrialState
         frozen = study._storage.get_trial(trial._trial_id)
         if frozen.state.is_finished():
@@ -994,7 +1004,7 @@ class RetinaOptunaSweeper(Sweeper):
         if result.status != JobStatus.COMPLETED:
             exc = getattr(result, "_return_value", None)  # the job's exception
             error = f"{type(exc).__name__}: {exc}" if isinstance(exc, BaseException) else "failed"
-            trial.set_user_attr(ERROR_ATTR, error[:1000])
+            trial.set_user_attr(ERROR_ATTR, redact(error)[:1000])
             tell(study, trial, state=TrialState.FAIL)
             return "FAILED"
         frozen = study._storage.get_trial(trial._trial_id)
@@ -1014,11 +1024,14 @@ class RetinaOptunaSweeper(Sweeper):
         if not OmegaConf.select(cfg, "tracking.enabled", default=False):
             return None
         from retina_sweep.sweep import ParentRun, sweep_hash
-        from retina_sweep.tracking import client
+        from retina_sweep.tracking import client, redact
 
+        # The parent records the storage without its password, and is found by it (so the
+        # tag sweep_hash is no digest of the password either).
+        shown = redact(spec)
         definition = {
             "study_name": study_name,
-            "storage": spec,
+            "storage": shown,
             "sampler": self.opts.sampler,
             "seed": self.opts.seed,
             "sampler_args": _plain(self.opts.sampler_args),
@@ -1033,7 +1046,7 @@ class RetinaOptunaSweeper(Sweeper):
             cfg.tracking.experiment,
             name=OmegaConf.select(cfg, "sweep.name") or study_name,
             table=OmegaConf.select(cfg, "sweep.table"),
-            shash=sweep_hash(f"optuna:{study_name}:{spec}", []),
+            shash=sweep_hash(f"optuna:{study_name}:{shown}", []),
             definition=definition,
             kind="optuna",
         )
