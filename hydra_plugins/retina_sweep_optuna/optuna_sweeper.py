@@ -887,6 +887,10 @@ class RetinaOptunaSweeper(Sweeper):
                     if told_twins:
                         continue
                     break
+                if parent is not None:
+                    # Another sweeper may have created a parent of the study at the same moment
+                    # (a tracking server has no lock): launch under the one they all keep.
+                    parent.resolve_duplicates()
                 overrides = []
                 for trial in trials:
                     params = [f"{k}={format_value(v)}" for k, v in trial.params.items()]
