@@ -256,10 +256,27 @@ def latest_per_cell(runs: Iterable[Any]) -> list[Any]:
 class ParentRun:
     """The MLflow parent run of a sweep; every trial is its child (`mlflow.parentRunId`)."""
 
-    def __init__(self, mlf, experiment_id: str, run_id: str) -> None:
+    def __init__(self, mlf, experiment_id: str, run_id: str, shash: str | None = None) -> None:
         self.mlf = mlf
         self.experiment_id = experiment_id
         self.run_id = run_id
+        self.shash = shash  # the sweep's `sweep_hash` tag: what finds a duplicate parent
+
+    @staticmethod
+    def _parents(mlf, exp_id: str, shash: str) -> list[Any]:
+        """The active parent runs of the sweep `shash`, the canonical one first: the earliest
+        start time, ties broken by run id, so that every process picks the same."""
+        from .tracking import retry
+
+        runs = retry(
+            lambda: mlf.search_runs(
+                [exp_id],
+                filter_string=f"tags.sweep_hash = '{shash}' AND tags.is_parent = 'true'",
+                max_results=1000,
+                order_by=["attributes.start_time ASC"],
+            )
+        )
+        return sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id))
 
     @classmethod
     def open(
@@ -275,24 +292,24 @@ class ParentRun:
     ) -> ParentRun:
         """Reuse the parent of the same sweep (same cells) if there is one, else create it.
 
-        The look-up and the creation hold the store's `parents` lock: Optuna workers started
-        together on one study each found no parent and created their own.
+        Sweeper processes started together (Optuna workers on one study) each look the parent
+        up, and each created its own when none existed yet. On a SQLite store the look-up and
+        the creation hold the store's `parents` lock. A tracking server (or any other store) has
+        no lock all processes share, so a process that created the parent searches again
+        (`resolve_duplicates`): of the parents two processes created at once, each picks the
+        canonical one (the earliest), and the other is merged into it and deleted.
         """
         from .tracking import experiment_id, git_commit, retry, store_lock
 
         with store_lock(mlf.tracking_uri, "parents"):
             exp_id = retry(lambda: experiment_id(mlf, experiment))
-            existing = mlf.search_runs(
-                [exp_id],
-                filter_string=f"tags.sweep_hash = '{shash}' AND tags.is_parent = 'true'",
-                max_results=1,
-                order_by=["attributes.start_time DESC"],
-            )
+            existing = cls._parents(mlf, exp_id, shash)
             if existing:
-                run_id = existing[0].info.run_id
-                retry(lambda: mlf.update_run(run_id, status="RUNNING"))
-                log.info("resuming sweep %s in its MLflow parent run %s", name, run_id)
-                return cls(mlf, exp_id, run_id)
+                parent = cls(mlf, exp_id, existing[0].info.run_id, shash)
+                parent.resolve_duplicates()  # left by a race of earlier sweeps
+                retry(lambda: mlf.update_run(parent.run_id, status="RUNNING"))
+                log.info("resuming sweep %s in its MLflow parent run %s", name, parent.run_id)
+                return parent
             tags = {
                 "is_parent": "true",
                 "sweep": name or "",
@@ -306,9 +323,61 @@ class ParentRun:
             run = retry(
                 lambda: mlf.create_run(exp_id, run_name=f"sweep:{name or 'multirun'}", tags=tags)
             )
-            parent = cls(mlf, exp_id, run.info.run_id)
+            parent = cls(mlf, exp_id, run.info.run_id, shash)
             retry(lambda: mlf.log_dict(parent.run_id, dict(definition), "sweep/definition.json"))
-            return parent
+        parent.resolve_duplicates()
+        return parent
+
+    def resolve_duplicates(self) -> str:
+        """Make this the sweep's canonical parent run, merging every other active parent of the
+        sweep into it (their children re-parented, the duplicate tagged `duplicate_of` and
+        deleted). Returns the canonical run id, which `run_id` is from then on.
+
+        Processes racing without a lock may each see only some of the parents created at once,
+        but a parent that is not the earliest of those a process sees is not the earliest of
+        all: merging it is never wrong, and every process converges on the earliest as soon as
+        it sees them all. A sweeper calls this before each launch and `close` calls it, so the
+        children a process launched under a parent merged meanwhile follow it. (Start times are
+        the creating clients' clocks: a clock behind by more than the race lasts can make a
+        later parent the canonical one; children still end up under one parent.)
+        """
+        if self.shash is None:
+            return self.run_id
+        runs = self._parents(self.mlf, self.experiment_id, self.shash)
+        if not runs:
+            return self.run_id  # the store does not show ours yet: nothing to merge with
+        canonical = runs[0].info.run_id
+        losers = {r.info.run_id for r in runs[1:]}
+        if self.run_id != canonical:
+            losers.add(self.run_id)
+        for run_id in sorted(losers):
+            self._merge(run_id, canonical)
+        if self.run_id != canonical:
+            log.info("MLflow parent run %s merged into %s (same sweep)", self.run_id, canonical)
+            self.run_id = canonical
+        return canonical
+
+    def _merge(self, loser: str, canonical: str) -> None:
+        """Re-parent the children of parent run ``loser`` to ``canonical`` and delete it."""
+        from mlflow.entities import RunTag
+
+        from .tracking import retry
+
+        children = retry(
+            lambda: self.mlf.search_runs(
+                [self.experiment_id],
+                filter_string=f"tags.mlflow.parentRunId = '{loser}'",
+                max_results=10000,
+            )
+        )
+        moved = [RunTag("mlflow.parentRunId", canonical)]
+        for r in children:
+            retry(lambda r=r: self.mlf.log_batch(r.info.run_id, tags=moved))
+        try:
+            retry(lambda: self.mlf.set_tag(loser, "duplicate_of", canonical))
+            retry(lambda: self.mlf.delete_run(loser))
+        except Exception as exc:  # another process merged it first
+            log.debug("duplicate parent run %s not deleted here: %s", loser, exc)
 
     def children(self) -> list[Any]:
         return self.mlf.search_runs(
@@ -378,6 +447,7 @@ class ParentRun:
 
         from .tracking import retry
 
+        self.resolve_duplicates()  # children launched under a parent merged meanwhile follow
         self.settle_children()
         summary = self.summarize(metric)
         now = int(time.time() * 1000)

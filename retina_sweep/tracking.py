@@ -10,7 +10,10 @@ Conventions that the sweeper and the report rely on:
 - status: FINISHED for a completed or diverged trial (a divergence is a result, and rerunning the
   same config diverges again), FAILED for a crash (with the `error` tag), KILLED for an interrupt
   or a pruned trial;
-- metrics are buffered and written with `log_batch`, not one database call per scalar.
+- metrics are buffered and written with `log_batch`, not one database call per scalar;
+- a password in a URL (`postgresql://user:secret@host/db`, `http://user:secret@host`) is written
+  `***` in everything a run records (params, tags, text artifacts, its error): the Optuna
+  sweeper passes its storage URL to every trial in the trial's config (`pruning.storage`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import subprocess
 import time
 from collections.abc import Callable, Mapping
@@ -42,6 +46,61 @@ OUTCOME_STATUS = {
     "killed": "KILLED",
     "failed": "FAILED",
 }
+
+
+# The user info of a URL: `scheme://user:password@` (SQLAlchemy's own URL syntax takes the
+# password up to the first `@`). A quote or white space ends it, for URLs inside a message or an
+# override (`storage:'postgresql://u:p@h/db'`); `/*` lets a URL missing its slashes match too.
+_USERINFO = re.compile(r"\b(?P<head>[A-Za-z][A-Za-z0-9+.\-]*:/*[^:/@\s'\"]*):[^@\s'\"]+@")
+
+
+def redact(text: str) -> str:
+    """``text`` with the password of every URL in it written ``***``, as SQLAlchemy's
+    ``URL.render_as_string(hide_password=True)`` writes it (``postgresql://user:***@host/db``).
+
+    Storage and tracking URLs are shown (log lines, error messages) and recorded (MLflow params,
+    tags and artifacts, Optuna user attributes) where others read them; the real URL is only
+    ever used to connect."""
+    return _USERINFO.sub(lambda m: f"{m['head']}:***@", text)
+
+
+def redact_all(obj: Any) -> Any:
+    """``obj`` with ``redact`` applied to every string in it (dicts, lists and tuples walked)."""
+    if isinstance(obj, str):
+        return redact(obj)
+    if isinstance(obj, Mapping):
+        return {redact_all(k): redact_all(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(redact_all(v) for v in obj)
+    return obj
+
+
+@contextlib.contextmanager
+def redacted_log_records():
+    """Log records made inside have ``redact`` applied to their message.
+
+    Hydra's launchers log each job's overrides, and the Optuna sweeper's include the storage URL
+    (`pruning={storage:...}`) that the job connects with. A record factory, not a handler's
+    filter: Hydra replaces the root logger's handlers each time it configures a job's logging
+    (the basic launcher runs jobs in the sweeper's process)."""
+    previous = logging.getLogRecordFactory()
+
+    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = previous(*args, **kwargs)
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad format: left to the handler to report, as before
+            return record
+        shown = redact(message)
+        if shown != message:
+            record.msg, record.args = shown, None
+        return record
+
+    logging.setLogRecordFactory(factory)
+    try:
+        yield
+    finally:
+        logging.setLogRecordFactory(previous)
 
 
 def resolve_uri(uri: str | None) -> str:
@@ -113,7 +172,7 @@ def experiment_id(mlf, name: str) -> str:
 
             raise ConfigError(
                 f"tracking.experiment={name}: the MLflow experiment is deleted (in the trash) on "
-                f"{mlf.tracking_uri}; restore it (mlflow experiments restore --experiment-id "
+                f"{redact(mlf.tracking_uri)}; restore it (mlflow experiments restore --experiment-id "
                 f"{exp.experiment_id}) or give another tracking.experiment"
             )
         return exp.experiment_id
@@ -184,7 +243,7 @@ class RunTracker:
 
         self._client = mlf = client(self.uri)
         exp_id = retry(lambda: experiment_id(mlf, self.experiment))
-        all_tags = {k: str(v) for k, v in tags.items() if v is not None}
+        all_tags = {k: redact(str(v)) for k, v in tags.items() if v is not None}
         if self.parent_run_id:
             all_tags["mlflow.parentRunId"] = self.parent_run_id
         commit = git_commit()
@@ -193,7 +252,7 @@ class RunTracker:
             all_tags["mlflow.source.git.commit"] = commit
         run = retry(lambda: mlf.create_run(exp_id, run_name=self.run_name, tags=all_tags))
         self.run_id = run.info.run_id
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        items = [Param(k, redact(str(v))[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):  # the REST API takes at most 100 params a batch
             chunk = items[i : i + 100]
             retry(lambda chunk=chunk: mlf.log_batch(self.run_id, params=chunk))
@@ -226,16 +285,18 @@ class RunTracker:
             return
         from mlflow.entities import RunTag
 
-        items = [RunTag(k, str(v)) for k, v in tags.items() if v is not None]
+        items = [RunTag(k, redact(str(v))) for k, v in tags.items() if v is not None]
         retry(lambda: self._client.log_batch(self.run_id, tags=items))
 
     def log_text(self, text: str, artifact_file: str) -> None:
         if self.run_id:
-            retry(lambda: self._client.log_text(self.run_id, text, artifact_file))
+            shown = redact(text)
+            retry(lambda: self._client.log_text(self.run_id, shown, artifact_file))
 
     def log_dict(self, obj: Any, artifact_file: str) -> None:
         if self.run_id:
-            retry(lambda: self._client.log_dict(self.run_id, obj, artifact_file))
+            shown = redact_all(obj)
+            retry(lambda: self._client.log_dict(self.run_id, shown, artifact_file))
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         if self.run_id:

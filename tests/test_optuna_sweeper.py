@@ -295,6 +295,57 @@ def test_pruner_prunes_a_trial_built_to_be_bad(tmp_path: Path) -> None:
     assert study(tmp_path).trials[2].user_attrs["pruned_at"] == 1
 
 
+SAMPLER_SPY = """
+import json, runpy, sys
+import optuna
+
+infer = optuna.samplers.TPESampler.infer_relative_search_space
+
+
+def spy(self, study, trial):
+    # The trials TPE reads (study._get_trials) when it samples trial.number's parameters.
+    seen = [t.number for t in study._get_trials(deepcopy=False, use_cache=True)]
+    with open("sampler_saw.jsonl", "a") as fh:
+        fh.write(json.dumps({"trial": trial.number, "saw": seen}) + "\\n")
+    return infer(self, study, trial)
+
+
+optuna.samplers.TPESampler.infer_relative_search_space = spy
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_tpe_under_hyperband_samples_from_the_trials_of_its_bracket(tmp_path: Path) -> None:
+    # Optuna's samplers read the study through pruners._filter_study, which gives a trial's
+    # sampler only the trials of its Hyperband bracket (the bracket's own successive halving)
+    # once the study's HyperbandPruner is initialised, which only its prune() did. Pruning runs
+    # in the jobs, so in the sweeper's process TPE saw every trial of the study.
+    args = {"min_resource": 1, "max_resource": 5, "reduction_factor": 2}  # 3 brackets
+    proc = standin(
+        tmp_path,
+        "hydra.sweeper.n_trials=10",
+        "hydra.sweeper.sampler=tpe",
+        "+hydra.sweeper.sampler_args.n_startup_trials=1",
+        "hydra.sweeper.pruner=hyperband",
+        *(f"+hydra.sweeper.pruner_args.{k}={v}" for k, v in args.items()),
+        python=("-c", SAMPLER_SPY),
+    )
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    s = study(tmp_path)
+    assert len(s.trials) == 10
+    hyperband = optuna.pruners.HyperbandPruner(**args)
+    hyperband._try_initialization(s)
+    bracket = {t.number: hyperband._get_bracket_id(s, t) for t in s.trials}
+    assert len(set(bracket.values())) == 3
+    draws = [json.loads(line) for line in (tmp_path / "sampler_saw.jsonl").read_text().splitlines()]
+    assert [d["trial"] for d in draws] == list(range(10))
+    for d in draws:
+        mine = [n for n in range(d["trial"] + 1) if bracket[n] == bracket[d["trial"]]]
+        assert d["saw"] == mine, (d, bracket)
+
+
 @pytest.mark.parametrize("how", ["interrupt_trials", "kill_trials"])
 def test_a_trial_killed_mid_way_is_retried_when_the_study_resumes(tmp_path: Path, how: str) -> None:
     """Ctrl-C (or SIGTERM) of the sweep, or SIGKILL of its process, in trial 1: the trial stayed
@@ -424,6 +475,78 @@ def test_a_bad_storage_url_stops_the_sweep_naming_the_key(tmp_path: Path, storag
     assert f"[standin] stopped before any trial: hydra.sweeper.storage={storage}: " in out, out
     assert "Traceback" not in out
     assert not (tmp_path / "trials.log").exists()
+
+
+def test_a_storage_password_is_not_shown_when_the_storage_cannot_be_opened(
+    tmp_path: Path,
+) -> None:
+    # Before: the ConfigError quoted the URL whole, password included.
+    storage = "postgresql+psycopg2://u:s3cret@127.0.0.1:1/optuna"  # nothing listens on port 1
+    proc = standin(tmp_path, "hydra.sweeper.n_trials=1", f"hydra.sweeper.storage={storage}")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2, out
+    assert "hydra.sweeper.storage=postgresql+psycopg2://u:***@127.0.0.1:1/optuna: cannot" in out
+    assert "s3cret" not in out
+
+
+PASSWORD_DB = """
+import os, runpy, sys
+import retina_sweep.optuna_pruning as op
+
+real = op.make_storage
+URL = "postgresql://u:s3cret@db.example/optuna"
+connected = []
+
+
+def make_storage(spec, **kwargs):
+    # A database URL with a password, served by a journal file: what connects gets the real URL.
+    if spec != URL:
+        raise AssertionError("a storage opened with another URL than the one given")
+    with open("connections.log", "a") as fh:
+        fh.write("ok\\n")
+    return real("journal:" + os.path.abspath("password_db.log"))
+
+
+op.make_storage = make_storage
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_storage_password_is_neither_logged_nor_recorded(tmp_path: Path) -> None:
+    # Before: Hydra's launcher logged each job's overrides (pruning={storage:'postgresql://u:
+    # s3cret@...'}), and the parent run's sweep/definition.json and multirun.yaml held the URL.
+    proc = standin(
+        tmp_path,
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.sampler=random",
+        "hydra.sweeper.pruner=median",
+        "hydra.sweeper.storage=postgresql://u:s3cret@db.example/optuna",
+        "tracking.enabled=true",
+        f"+tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+        "+tracking.experiment=retina_sweep",
+        "+tracking.parent_run_id=null",
+        python=("-c", PASSWORD_DB),
+    )
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert "storage:'postgresql://u:***@db.example/optuna',study_name" in out  # Hydra's log
+    assert "s3cret" not in out
+    # The sweeper and both trials' pruning callbacks connected, with the real URL.
+    assert (tmp_path / "connections.log").read_text().split() == ["ok"] * 3
+    s = optuna.load_study(
+        study_name="standin", storage=make_storage(f"journal:{tmp_path}/password_db.log")
+    )
+    assert [t.state for t in s.trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    mlf = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    (parent,) = mlf.search_runs([mlf.get_experiment_by_name("retina_sweep").experiment_id])
+    local = mlf.download_artifacts(parent.info.run_id, "sweep/definition.json", str(tmp_path))
+    assert json.loads(Path(local).read_text())["storage"] == "postgresql://u:***@db.example/optuna"
+    # Nothing written holds it but Hydra's own record of each job's command line (`.hydra/`).
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and ".hydra" not in p.parts]
+    assert any(p.name == "multirun.yaml" for p in written)
+    for path in written:
+        assert b"s3cret" not in path.read_bytes(), path
 
 
 def test_a_relative_sqlite_storage_is_the_same_database_for_every_job(tmp_path: Path) -> None:

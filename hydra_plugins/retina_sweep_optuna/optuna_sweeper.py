@@ -150,18 +150,20 @@ def open_storage(spec: str, heartbeat_s: int | None = None):
     is not installed, a server that does not answer, a directory that does not exist)."""
     from retina_sweep.config import ConfigError
     from retina_sweep.optuna_pruning import make_storage
+    from retina_sweep.tracking import redact
 
     try:
         return make_storage(spec, heartbeat_s=heartbeat_s)
     except Exception as exc:  # SQLAlchemy's, the driver's, or the file system's
-        message = " ".join(str(exc).split("(Background on this error")[0].split())
+        # The URL's password is not shown (SQLAlchemy's parse errors quote the URL whole).
+        message = redact(" ".join(str(exc).split("(Background on this error")[0].split()))
         if "://" not in spec:
             message += (
                 " (a storage is a database URL, sqlite:///file.db or postgresql://..., or "
                 "journal:/path/file.log)"
             )
         raise ConfigError(
-            f"hydra.sweeper.storage={spec}: cannot open the study's storage: "
+            f"hydra.sweeper.storage={redact(spec)}: cannot open the study's storage: "
             f"{type(exc).__name__}: {message}"
         ) from None
 
@@ -189,6 +191,7 @@ def ask_trial(study, space: dict[str, Any], *, sampler: str, seed: int, sampler_
 
     import optuna
 
+    init_hyperband(study)  # the sampler then sees the trials of the new trial's bracket
     with warnings.catch_warnings():
         # The sweeper records its trials' heartbeats itself (class Heartbeats).
         warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
@@ -503,13 +506,58 @@ def end_abandoned_runs(parent, number: int, reason: str) -> list[str]:
     return [r.info.run_id for r in runs]
 
 
+def _bracket_hyperband():
+    """``optuna.pruners.HyperbandPruner`` whose bracket studies TPE reads bracket by bracket.
+
+    Optuna hands a sampler the study "filtered" by the trial's Hyperband bracket
+    (``pruners._filter_study``), so that TPE models each bracket's own successive halving (the
+    trials of a bracket are pruned at the same rungs, so comparable). Its ``_BracketStudy``
+    filters ``get_trials`` only, while TPE (Optuna 4.x/5.x) reads ``_get_trials``: TPE saw every
+    trial of the study. Here ``_get_trials`` is filtered too, for TPE only (CMA-ES keeps its
+    optimizer state in the study's trials, and the grid sampler reads the storage directly).
+    """
+    import optuna
+
+    class BracketHyperbandPruner(optuna.pruners.HyperbandPruner):
+        def _create_bracket_study(self, study, bracket_id: int):
+            bracket_study = super()._create_bracket_study(study, bracket_id)
+
+            class _TPEBracketStudy(type(bracket_study)):
+                def _get_trials(self, deepcopy=True, states=None, use_cache=False):
+                    trials = super()._get_trials(deepcopy, states, use_cache)
+                    if not isinstance(self.sampler, optuna.samplers.TPESampler):
+                        return trials
+                    pruner, bracket = self.pruner, self._bracket_id
+                    return [t for t in trials if pruner._get_bracket_id(self, t) == bracket]
+
+            bracket_study.__class__ = _TPEBracketStudy  # built inside Optuna's method
+            return bracket_study
+
+    return BracketHyperbandPruner
+
+
+def init_hyperband(study) -> None:
+    """Initialise the brackets of ``study``'s Hyperband pruner, if it has one.
+
+    Optuna does it in the pruner's first ``prune()``; until then every trial is in bracket 0,
+    so the sampler's study is not filtered. The sweeper's own pruner never prunes (its jobs do,
+    each with a pruner of its own): without this, TPE in the sweeper saw every trial. With
+    ``max_resource: auto`` the brackets are known once a trial has completed with intermediate
+    values (as in Optuna)."""
+    import optuna
+
+    pruner = study.pruner
+    if isinstance(pruner, optuna.pruners.HyperbandPruner) and not pruner._pruners:
+        pruner._try_initialization(study)
+
+
 def build_pruner(name: str, args: dict[str, Any]):
     import optuna
 
     makers = {
         "none": optuna.pruners.NopPruner,
         "median": optuna.pruners.MedianPruner,
-        "hyperband": optuna.pruners.HyperbandPruner,
+        "hyperband": _bracket_hyperband(),
         "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
     }
     if name not in makers:
@@ -695,7 +743,11 @@ class RetinaOptunaSweeper(Sweeper):
         # does, instead of ending the process with the parent RUNNING; worker processes get
         # either signal forwarded and `grace_s` seconds to record their trials
         # (retina_sweep.signals).
-        with terminate_as_interrupt(grace_s=self.opts.grace_s):
+        # Hydra's launchers log every job's overrides, the storage URL among them (the job's
+        # pruning callback connects with it): its password is logged as ***.
+        from retina_sweep.tracking import redacted_log_records
+
+        with terminate_as_interrupt(grace_s=self.opts.grace_s), redacted_log_records():
             return self._sweep(arguments)
 
     def _retina(self) -> bool:
@@ -759,6 +811,7 @@ class RetinaOptunaSweeper(Sweeper):
         from retina_sweep.config import ConfigError
         from retina_sweep.optuna_pruning import PRUNED_ATTR
         from retina_sweep.sweep import Progress, format_value
+        from retina_sweep.tracking import redact
 
         name = OmegaConf.select(self.config, "sweep.name") or "optuna"
         with stop_before_trials(f"[{name}] stopped before any trial", self._retina()):
@@ -792,7 +845,8 @@ class RetinaOptunaSweeper(Sweeper):
                 )
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        # As OmegaConf.save writes it, with the password of a storage or tracking URL as ***.
+        (sweep_dir / "multirun.yaml").write_text(redact(OmegaConf.to_yaml(self.config)))
         n_trials = int(self.opts.n_trials)
         parent = self._parent(study_name, spec, space)
         if max_iterations is None:
@@ -879,6 +933,10 @@ class RetinaOptunaSweeper(Sweeper):
                     if told_twins:
                         continue
                     break
+                if parent is not None:
+                    # Another sweeper may have created a parent of the study at the same moment
+                    # (a tracking server has no lock): launch under the one they all keep.
+                    parent.resolve_duplicates()
                 overrides = []
                 for trial in trials:
                     params = [f"{k}={format_value(v)}" for k, v in trial.params.items()]
@@ -984,6 +1042,8 @@ class RetinaOptunaSweeper(Sweeper):
     def _tell(self, study, trial, result, pruned_attr: str) -> str:
         import optuna
 
+        from retina_sweep.tracking import redact
+
         TrialState = optuna.trial.TrialState
         frozen = study._storage.get_trial(trial._trial_id)
         if frozen.state.is_finished():
@@ -994,7 +1054,7 @@ class RetinaOptunaSweeper(Sweeper):
         if result.status != JobStatus.COMPLETED:
             exc = getattr(result, "_return_value", None)  # the job's exception
             error = f"{type(exc).__name__}: {exc}" if isinstance(exc, BaseException) else "failed"
-            trial.set_user_attr(ERROR_ATTR, error[:1000])
+            trial.set_user_attr(ERROR_ATTR, redact(error)[:1000])
             tell(study, trial, state=TrialState.FAIL)
             return "FAILED"
         frozen = study._storage.get_trial(trial._trial_id)
@@ -1014,11 +1074,14 @@ class RetinaOptunaSweeper(Sweeper):
         if not OmegaConf.select(cfg, "tracking.enabled", default=False):
             return None
         from retina_sweep.sweep import ParentRun, sweep_hash
-        from retina_sweep.tracking import client
+        from retina_sweep.tracking import client, redact
 
+        # The parent records the storage without its password, and is found by it (so the
+        # tag sweep_hash is no digest of the password either).
+        shown = redact(spec)
         definition = {
             "study_name": study_name,
-            "storage": spec,
+            "storage": shown,
             "sampler": self.opts.sampler,
             "seed": self.opts.seed,
             "sampler_args": _plain(self.opts.sampler_args),
@@ -1033,7 +1096,7 @@ class RetinaOptunaSweeper(Sweeper):
             cfg.tracking.experiment,
             name=OmegaConf.select(cfg, "sweep.name") or study_name,
             table=OmegaConf.select(cfg, "sweep.table"),
-            shash=sweep_hash(f"optuna:{study_name}:{spec}", []),
+            shash=sweep_hash(f"optuna:{study_name}:{shown}", []),
             definition=definition,
             kind="optuna",
         )
