@@ -295,57 +295,6 @@ def test_pruner_prunes_a_trial_built_to_be_bad(tmp_path: Path) -> None:
     assert study(tmp_path).trials[2].user_attrs["pruned_at"] == 1
 
 
-SAMPLER_SPY = """
-import json, runpy, sys
-import optuna
-
-infer = optuna.samplers.TPESampler.infer_relative_search_space
-
-
-def spy(self, study, trial):
-    # The trials TPE reads (study._get_trials) when it samples trial.number's parameters.
-    seen = [t.number for t in study._get_trials(deepcopy=False, use_cache=True)]
-    with open("sampler_saw.jsonl", "a") as fh:
-        fh.write(json.dumps({"trial": trial.number, "saw": seen}) + "\\n")
-    return infer(self, study, trial)
-
-
-optuna.samplers.TPESampler.infer_relative_search_space = spy
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
-
-
-def test_tpe_under_hyperband_samples_from_the_trials_of_its_bracket(tmp_path: Path) -> None:
-    # Optuna's samplers read the study through pruners._filter_study, which gives a trial's
-    # sampler only the trials of its Hyperband bracket (the bracket's own successive halving)
-    # once the study's HyperbandPruner is initialised, which only its prune() did. Pruning runs
-    # in the jobs, so in the sweeper's process TPE saw every trial of the study.
-    args = {"min_resource": 1, "max_resource": 5, "reduction_factor": 2}  # 3 brackets
-    proc = standin(
-        tmp_path,
-        "hydra.sweeper.n_trials=10",
-        "hydra.sweeper.sampler=tpe",
-        "+hydra.sweeper.sampler_args.n_startup_trials=1",
-        "hydra.sweeper.pruner=hyperband",
-        *(f"+hydra.sweeper.pruner_args.{k}={v}" for k, v in args.items()),
-        python=("-c", SAMPLER_SPY),
-    )
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out
-    s = study(tmp_path)
-    assert len(s.trials) == 10
-    hyperband = optuna.pruners.HyperbandPruner(**args)
-    hyperband._try_initialization(s)
-    bracket = {t.number: hyperband._get_bracket_id(s, t) for t in s.trials}
-    assert len(set(bracket.values())) == 3
-    draws = [json.loads(line) for line in (tmp_path / "sampler_saw.jsonl").read_text().splitlines()]
-    assert [d["trial"] for d in draws] == list(range(10))
-    for d in draws:
-        mine = [n for n in range(d["trial"] + 1) if bracket[n] == bracket[d["trial"]]]
-        assert d["saw"] == mine, (d, bracket)
-
-
 @pytest.mark.parametrize("how", ["interrupt_trials", "kill_trials"])
 def test_a_trial_killed_mid_way_is_retried_when_the_study_resumes(tmp_path: Path, how: str) -> None:
     """Ctrl-C (or SIGTERM) of the sweep, or SIGKILL of its process, in trial 1: the trial stayed

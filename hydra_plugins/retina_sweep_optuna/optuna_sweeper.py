@@ -191,7 +191,6 @@ def ask_trial(study, space: dict[str, Any], *, sampler: str, seed: int, sampler_
 
     import optuna
 
-    init_hyperband(study)  # the sampler then sees the trials of the new trial's bracket
     with warnings.catch_warnings():
         # The sweeper records its trials' heartbeats itself (class Heartbeats).
         warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
@@ -506,58 +505,13 @@ def end_abandoned_runs(parent, number: int, reason: str) -> list[str]:
     return [r.info.run_id for r in runs]
 
 
-def _bracket_hyperband():
-    """``optuna.pruners.HyperbandPruner`` whose bracket studies TPE reads bracket by bracket.
-
-    Optuna hands a sampler the study "filtered" by the trial's Hyperband bracket
-    (``pruners._filter_study``), so that TPE models each bracket's own successive halving (the
-    trials of a bracket are pruned at the same rungs, so comparable). Its ``_BracketStudy``
-    filters ``get_trials`` only, while TPE (Optuna 4.x/5.x) reads ``_get_trials``: TPE saw every
-    trial of the study. Here ``_get_trials`` is filtered too, for TPE only (CMA-ES keeps its
-    optimizer state in the study's trials, and the grid sampler reads the storage directly).
-    """
-    import optuna
-
-    class BracketHyperbandPruner(optuna.pruners.HyperbandPruner):
-        def _create_bracket_study(self, study, bracket_id: int):
-            bracket_study = super()._create_bracket_study(study, bracket_id)
-
-            class _TPEBracketStudy(type(bracket_study)):
-                def _get_trials(self, deepcopy=True, states=None, use_cache=False):
-                    trials = super()._get_trials(deepcopy, states, use_cache)
-                    if not isinstance(self.sampler, optuna.samplers.TPESampler):
-                        return trials
-                    pruner, bracket = self.pruner, self._bracket_id
-                    return [t for t in trials if pruner._get_bracket_id(self, t) == bracket]
-
-            bracket_study.__class__ = _TPEBracketStudy  # built inside Optuna's method
-            return bracket_study
-
-    return BracketHyperbandPruner
-
-
-def init_hyperband(study) -> None:
-    """Initialise the brackets of ``study``'s Hyperband pruner, if it has one.
-
-    Optuna does it in the pruner's first ``prune()``; until then every trial is in bracket 0,
-    so the sampler's study is not filtered. The sweeper's own pruner never prunes (its jobs do,
-    each with a pruner of its own): without this, TPE in the sweeper saw every trial. With
-    ``max_resource: auto`` the brackets are known once a trial has completed with intermediate
-    values (as in Optuna)."""
-    import optuna
-
-    pruner = study.pruner
-    if isinstance(pruner, optuna.pruners.HyperbandPruner) and not pruner._pruners:
-        pruner._try_initialization(study)
-
-
 def build_pruner(name: str, args: dict[str, Any]):
     import optuna
 
     makers = {
         "none": optuna.pruners.NopPruner,
         "median": optuna.pruners.MedianPruner,
-        "hyperband": _bracket_hyperband(),
+        "hyperband": optuna.pruners.HyperbandPruner,
         "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
     }
     if name not in makers:
