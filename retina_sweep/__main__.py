@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
@@ -20,5 +23,24 @@ def main(cfg: DictConfig) -> float:
         return run(cfg)
 
 
+def entry() -> None:
+    """`main`, with an interrupt (Ctrl-C, SIGINT, SIGTERM from `kill` or a scheduler) ending the
+    command with one line and the shell's status for that signal (130, 143), not a traceback:
+    by then the interrupted trials are recorded KILLED and the sweep's parent run closed
+    (`retina_sweep.signals`), and running the same command again resumes them."""
+    from .signals import Terminated
+
+    try:
+        main()
+    except KeyboardInterrupt as exc:
+        signum = signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT
+        print(
+            f"retina_sweep: {exc or 'interrupted by SIGINT'}; finished runs are kept, and the "
+            "same command resumes the interrupted ones from their checkpoints",
+            file=sys.stderr,
+        )
+        sys.exit(128 + signum)
+
+
 if __name__ == "__main__":
-    main()
+    entry()

@@ -177,7 +177,9 @@ def test_sigterm_or_sigint_closes_the_sweep_and_its_trials_as_killed_and_a_rerun
         finally:
             if proc.poll() is None:
                 proc.kill()
-    assert code != 0, log.read_text()
+    # One line and the shell's status for the signal (143, 130), not a traceback.
+    assert code == 128 + signum, log.read_text()
+    assert "Traceback" not in log.read_text() and "resumes" in log.read_text(), log.read_text()
     _, parents, children = runs(tmp_path)
     assert len(parents) == 1 and len(children) == started, log.read_text()
     assert parents[0].info.status == "KILLED", log.read_text()
