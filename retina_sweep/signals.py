@@ -25,6 +25,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -83,7 +84,9 @@ def raise_pending() -> None:
     the signal from then on: the trial would train on to its end and be killed by the scheduler
     or by its sweep with its MLflow run left RUNNING (seen once in a CI run: a SIGINT forwarded
     to a joblib worker landed in SQLAlchemy's registry cleanup). Long loops call this once per
-    step; a raise that propagated never comes back to them.
+    step; a raise that propagated never comes back to them. Inside `terminate_as_interrupt` the
+    swallowed interrupt is not printed either (`_quiet_unraisable`): it is not an error, and
+    the user who pressed Ctrl-C would otherwise see a traceback through a library's finalizer.
     """
     interrupt = pending()
     if interrupt is not None:
@@ -124,6 +127,20 @@ def check_grace(value: object, *, key: str) -> float:
     return float(value)
 
 
+def _quiet_unraisable(previous: object) -> object:
+    """A `sys.unraisablehook` that drops this module's own pending interrupts (`raise_pending`
+    raises them again at the next step) and hands every other unraisable exception to
+    `previous`."""
+
+    def hook(unraisable: object) -> None:
+        exc = getattr(unraisable, "exc_value", None)
+        if exc is not None and any(exc is p for p in _pending):
+            return
+        previous(unraisable)  # type: ignore[operator]
+
+    return hook
+
+
 @contextmanager
 def terminate_as_interrupt(*, grace_s: float = 0.0) -> Iterator[None]:
     """Within the block, SIGTERM raises `Terminated` and SIGINT `KeyboardInterrupt`, once.
@@ -159,9 +176,12 @@ def terminate_as_interrupt(*, grace_s: float = 0.0) -> Iterator[None]:
 
     previous = {s: signal.signal(s, handler) for s in caught}
     depth = len(_pending)
+    previous_hook = sys.unraisablehook
+    sys.unraisablehook = _quiet_unraisable(previous_hook)
     try:
         yield
     finally:
+        sys.unraisablehook = previous_hook
         del _pending[depth:]
         # getsignal() returns None for a handler not installed from Python: put the default back.
         for s, old in previous.items():

@@ -190,3 +190,39 @@ def test_an_ignored_sigint_stays_ignored() -> None:
         assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_an_interrupt_swallowed_by_a_finalizer_is_not_printed_but_raised_again(
+    sentinel_handler, monkeypatch
+) -> None:
+    """A handler that runs inside a finalizer raises into it, where Python hands the exception to
+    `sys.unraisablehook` ("Exception ignored in ...", a traceback on stderr: seen in CI, a SIGINT
+    forwarded to a joblib worker landed in SQLAlchemy's registry cleanup). Inside the block our
+    own interrupt is dropped there, since `raise_pending` raises it again; any other unraisable
+    exception still reaches the previous hook, which comes back after the block."""
+    from retina_sweep.signals import raise_pending
+
+    seen: list[BaseException | None] = []
+
+    def recorder(unraisable) -> None:
+        seen.append(unraisable.exc_value)
+
+    monkeypatch.setattr(sys, "unraisablehook", recorder)
+
+    class SignalOnCollect:
+        def __del__(self):
+            _signal_self(signal.SIGTERM)  # the handler runs here, inside the finalizer
+
+    class FailOnCollect:
+        def __del__(self):
+            raise ValueError("a real finalizer error")
+
+    with pytest.raises(Terminated, match="SIGTERM"):
+        with terminate_as_interrupt():
+            obj = SignalOnCollect()
+            del obj  # its finalizer swallows the Terminated raised by the handler
+            other = FailOnCollect()
+            del other
+            raise_pending()
+    assert [type(e) for e in seen] == [ValueError]
+    assert sys.unraisablehook is recorder
