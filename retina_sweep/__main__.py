@@ -15,8 +15,10 @@ def main(cfg: DictConfig) -> float:
     from hydra.types import RunMode
 
     from .config import exit_on_bad_input
+    from .tracking import redact_hydra_files
     from .train import run
 
+    redact_hydra_files()  # Hydra saved .hydra/*.yaml as given, passwords in URLs included
     if HydraConfig.get().mode != RunMode.RUN:
         return run(cfg)  # a sweep's trial: the sweeper records an error as FAILED and goes on
     with exit_on_bad_input("retina_sweep"):

@@ -75,6 +75,43 @@ def redact_all(obj: Any) -> Any:
     return obj
 
 
+def redact_files(directory: Path, pattern: str = "*.yaml") -> list[Path]:
+    """Rewrite the files of ``directory`` matching ``pattern`` with ``redact`` applied; return
+    those that changed (each replaced atomically: a reader sees the old file or the new one).
+
+    Hydra saves a job's config, its own config and the job's overrides (``.hydra/config.yaml``,
+    ``hydra.yaml``, ``overrides.yaml``) before it calls the task function, as given: with the
+    Optuna sweeper's storage URL in ``pruning.storage``, or a tracking URI with its password.
+    The task function calls this first (`redact_hydra_files`), so a password is on disk there
+    for the job's first moments only. A missing directory changes nothing."""
+    changed = []
+    if not directory.is_dir():
+        return changed
+    for path in sorted(directory.glob(pattern)):
+        text = path.read_text()
+        masked = redact(text)
+        if masked != text:
+            tmp = path.with_name(f".{path.name}.redact.tmp")
+            tmp.write_text(masked)
+            os.replace(tmp, path)
+            changed.append(path)
+    return changed
+
+
+def redact_hydra_files() -> list[Path]:
+    """`redact_files` on the running Hydra job's output subdirectory (``.hydra/`` by default);
+    nothing outside a Hydra job or with ``hydra.output_subdir=null``."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hydra_cfg = HydraConfig.get()
+    except Exception:  # not inside a Hydra job (library use, tests)
+        return []
+    if hydra_cfg.output_subdir is None:
+        return []
+    return redact_files(Path(hydra_cfg.runtime.output_dir) / str(hydra_cfg.output_subdir))
+
+
 @contextlib.contextmanager
 def redacted_log_records():
     """Log records made inside have ``redact`` applied to their message.

@@ -319,7 +319,7 @@ def train(
     """
     from .builders import build_datasets
     from .data.loader import build_loader
-    from .evaluation import evaluate
+    from .evaluation import evaluate, per_category_metrics
 
     t_start = time.perf_counter()
     timings = {"train": 0.0, "eval": 0.0}
@@ -573,9 +573,13 @@ def train(
             metrics = run_eval(tcfg.get("eval_max_images"))
             pruned = False
             if metrics is not None:
-                tracker.log_metrics(
-                    {f"val_{k}": v for k, v in metrics.items() if _is_num(v)}, step=done
+                # Per-category AP too (`val_AP-<name>`), as detectron2's evaluation hook logs it:
+                # a class that a setting stops learning shows as its own curve.
+                periodic = {f"val_{k}": v for k, v in metrics.items() if _is_num(v)}
+                periodic |= per_category_metrics(
+                    metrics.get("per_category_AP") or {}, prefix="val_AP-"
                 )
+                tracker.log_metrics(periodic, step=done)
                 tracker.flush()
                 if on_eval is not None:
                     try:

@@ -59,7 +59,7 @@ def _reference_detections(cfg, ckpt: Path, out: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_a_trained_cell_evaluates_to_its_training_runs_metrics(tmp_path: Path) -> None:
-    cfg = _cfg(tmp_path)
+    cfg = _cfg(tmp_path, "train.eval_every=2")
     trained_ap = run(cfg)
     ckpt = tmp_path / "sweeps" / "checkpoints" / config_hash(cfg) / "last.pt"
     assert checkpoint_path(cfg) == ckpt  # the trial's own checkpoint, found by its hash
@@ -90,6 +90,14 @@ def test_a_trained_cell_evaluates_to_its_training_runs_metrics(tmp_path: Path) -
     assert "eval/per_category_AP.csv" in {
         a.path for a in mlf.list_artifacts(train_run.info.run_id, "eval")
     }
+    # The periodic evaluation (iteration 2 of 4) logs them too, as `val_AP-<name>`, beside
+    # `val_AP`: one value each, at step 2, a category for each `AP-` of the final evaluation
+    # that has ground truth.
+    periodic = {k for k in train_run.data.metrics if k.startswith("val_AP-")}
+    assert periodic and periodic <= {f"val_{k}" for k in per_category}
+    for key in [*sorted(periodic), "val_AP"]:
+        history = mlf.get_metric_history(train_run.info.run_id, key)
+        assert [m.step for m in history] == [2], key
 
     # Other inference settings: another identity, so the checkpoint is given by path. The
     # detections are those of the checkpoint's weights (a score threshold of 0 keeps every

@@ -245,3 +245,54 @@ def test_a_parent_merged_after_its_sweeper_launched_trials_takes_its_children_al
     assert children[b.run_id] == {first, second, third}
     gone = client(uri).get_run(mine)
     assert gone.info.lifecycle_stage == "deleted" and gone.data.tags["duplicate_of"] == b.run_id
+
+
+def test_redact_files_masks_passwords_and_leaves_other_files_alone(tmp_path: Path) -> None:
+    from retina_sweep.tracking import redact_files
+
+    (tmp_path / "config.yaml").write_text("pruning:\n  storage: postgresql://u:s3cret@h/db\n")
+    (tmp_path / "clean.yaml").write_text("tracking:\n  uri: sqlite:///mlflow.db\n")
+    (tmp_path / "notes.txt").write_text("http://me:s3cret@host\n")  # not matched by the pattern
+    mtime = (tmp_path / "clean.yaml").stat().st_mtime_ns
+    assert redact_files(tmp_path) == [tmp_path / "config.yaml"]
+    assert (tmp_path / "config.yaml").read_text() == (
+        "pruning:\n  storage: postgresql://u:***@h/db\n"
+    )
+    assert (tmp_path / "clean.yaml").stat().st_mtime_ns == mtime  # not rewritten
+    assert "s3cret" in (tmp_path / "notes.txt").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clean.yaml", "config.yaml", "notes.txt"]
+    assert redact_files(tmp_path / "missing") == []
+
+
+def test_hydra_job_files_hold_no_password(tmp_path: Path) -> None:
+    """Hydra saves `.hydra/{config,hydra,overrides}.yaml` as given before the task function
+    runs; the task function rewrites them masked (before: `tracking.uri=http://me:s3cret@...`
+    stayed in all three). The run stops at once on a bad config value, after the rewrite."""
+    import os
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "retina_sweep",
+            "data=coco",
+            "data.root=/nonexistent",
+            "tracking.uri=http://me:s3cret@127.0.0.1:1",
+            f"hydra.run.dir={tmp_path / 'out'}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr  # the config error, not a crash
+    saved = sorted((tmp_path / "out" / ".hydra").glob("*.yaml"))
+    assert [p.name for p in saved] == ["config.yaml", "hydra.yaml", "overrides.yaml"]
+    for path in saved:
+        assert "me:***@127.0.0.1" in path.read_text(), path
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert b"s3cret" not in path.read_bytes(), path
