@@ -40,6 +40,36 @@ def test_gamma_preset_is_table_1b_grid() -> None:
     assert len(cells) == 21
 
 
+def test_gamma_quick_runs_the_papers_alpha_of_each_gamma_as_the_grids_own_cells() -> None:
+    """Its rows are the paper's Table 1(b) rows (gamma, alpha) in the paper's order, and each is the
+    same experiment (config hash) as the `gamma` grid's cell, so neither sweep retrains the other's."""
+    import pandas as pd
+
+    from retina_sweep.report.core import load_paper
+
+    paper = load_paper()
+    paper = paper[paper["table"] == "1b"]
+    cfg, cells = cells_of("gamma_quick")
+    assert cfg.sweep.table == "1b" and cfg.loss.name == "focal"
+    pairs = [(c.overrides["loss.gamma"], c.overrides["loss.alpha"]) for c in cells]
+    assert pairs == [
+        (float(g), float(a)) for g, a in zip(paper["gamma"], paper["alpha"], strict=True)
+    ]
+    assert len(pairs) == 7 and not pd.isna(paper["alpha"]).any()
+
+    def hashes(preset: str, cells) -> dict[tuple[float, float], str]:
+        return {
+            (c.overrides["loss.gamma"], c.overrides["loss.alpha"]): config_hash(
+                compose_config([f"+sweep={preset}", *c.override_list()])
+            )
+            for c in cells
+        }
+
+    quick = hashes("gamma_quick", cells)
+    grid = hashes("gamma", cells_of("gamma")[1])
+    assert quick == {pair: grid[pair] for pair in quick}
+
+
 def test_anchors_preset_is_listed_rows_not_a_product() -> None:
     _, cells = cells_of("anchors")
     rows = [
@@ -137,7 +167,22 @@ def test_seeds_repeat_every_cell() -> None:
     assert cells[0].overrides == cells[2].overrides
 
 
-@pytest.mark.parametrize("preset", ["alpha", "gamma", "anchors", "ohem", "speed", "fpn"])
+# Every grid / rows preset shipped in conf/sweep (the Optuna study `hpo` has no cells): a new
+# ablation axis is one YAML file, and it is checked here without being named.
+GRID_PRESETS = sorted(
+    p.stem
+    for p in (Path(__file__).resolve().parents[1] / "retina_sweep" / "conf" / "sweep").glob(
+        "*.yaml"
+    )
+    if p.stem != "hpo"
+)
+
+
+def test_the_preset_list_is_discovered() -> None:
+    assert {"alpha", "gamma", "gamma_quick", "anchors", "ohem", "speed", "fpn"} <= set(GRID_PRESETS)
+
+
+@pytest.mark.parametrize("preset", GRID_PRESETS)
 def test_every_cell_of_every_preset_composes_validates_and_is_distinct(preset: str) -> None:
     cfg, cells = cells_of(preset)
     hashes = set()
