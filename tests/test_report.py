@@ -13,7 +13,13 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from retina_sweep.report import build_report
-from retina_sweep.report.core import build_table, latest_per_config, load_paper, load_specs
+from retina_sweep.report.core import (
+    build_table,
+    latest_per_config,
+    load_paper,
+    load_specs,
+    per_category_columns,
+)
 from retina_sweep.report.figures import loss_cdf, loss_shares, loss_shares_markdown
 from retina_sweep.report.render import to_latex, to_markdown
 
@@ -400,6 +406,14 @@ def test_figure4_is_computed_from_a_trained_checkpoint(tmp_path: Path) -> None:
     )
     run(cfg)
     report = build_report(tracking_uri=uri, sweep="gamma", out=tmp_path / "r")
+    # The run's own `AP-<category>` metrics fill its row's per-category AP; their mean is COCO's
+    # AP (each category's AP averages the same IoU x recall grid).
+    t = report.tables["1b"]
+    cats = per_category_columns(t)
+    (i,) = [i for i in range(len(t.rows)) if t.rows["n"].iloc[i] == 1]
+    values = t.per_category.loc[i, cats].astype(float)
+    assert len(cats) >= 2 and t.per_category.loc[i, "n"] == 1 and values.notna().all()
+    assert values.mean() == pytest.approx(t.rows.loc[i, "AP"], abs=1e-3)
     fig = tmp_path / "r" / "figures" / "fig4_loss_cdf.png"
     assert fig in report.files and fig.stat().st_size > 1000
     # Its numbers: the loss shares of the same predictions, in the files and the Markdown.
@@ -814,3 +828,71 @@ def test_a_param_that_follows_the_seed_does_not_split_a_row(tmp_path: Path) -> N
         "method random 1:3, batch 128, nms 0.5: 2 runs of other settings left out "
         "(data.synthetic.seed 0; kept 7)"
     ]
+
+
+def test_per_category_ap_uses_the_rows_runs_seeds_averaged(tmp_path: Path) -> None:
+    """Per row the `AP-<name>` metrics of the runs behind its AP: seeds averaged, Table 1(b)'s
+    chosen alpha only, a diverged run left out; a run without them gives NaN, never a number."""
+    s = Store(tmp_path)
+
+    def fl(gamma, alpha, ap, seed=0, cats=None, **kw):
+        p = {"loss.gamma": gamma, "loss.alpha": alpha}
+        s.run(table="1b", sweep="gamma", params=p, ap=ap, seed=seed, extra=cats, **kw)
+
+    # gamma 2: alpha .25 is the best (30.5); alpha .75 (20.0) has other per-category values.
+    fl(2.0, 0.25, 30.0, seed=0, cats={"AP-circle": 10.0, "AP-square": 40.0})
+    fl(2.0, 0.25, 31.0, seed=1, cats={"AP-circle": 20.0, "AP-square": 42.0})
+    fl(2.0, 0.25, None, seed=2, cats={"AP-circle": 99.0}, outcome="diverged")
+    fl(2.0, 0.75, 20.0, cats={"AP-circle": 90.0, "AP-square": 90.0})
+    # gamma 1: the best alpha's run predates per-category AP; the other alpha's has it.
+    fl(1.0, 0.25, 25.0)
+    fl(1.0, 0.75, 24.0, cats={"AP-circle": 80.0, "AP-square": 80.0})
+    # gamma 5: one of two seeds logged it.
+    fl(5.0, 0.25, 22.0, seed=0, cats={"AP-circle": 30.0})
+    fl(5.0, 0.25, 24.0, seed=1)
+    out = tmp_path / "r"
+    report = build_report(tracking_uri=s.uri, table="1b", out=out)
+    t = report.tables["1b"]
+    pc = t.per_category
+    assert list(pc.columns) == ["gamma", "best alpha", "n", "circle", "square"]
+    # aligned with the table's rows, the paper's gammas without runs included
+    assert list(pc["gamma"]) == list(t.rows["gamma"])
+    rows = pc.set_index("gamma")
+    assert rows.loc[2.0, "best alpha"] == 0.25 and rows.loc[2.0, "n"] == 2
+    assert rows.loc[2.0, "circle"] == pytest.approx(15.0)  # (10 + 20) / 2, not 90 nor 99
+    assert rows.loc[2.0, "square"] == pytest.approx(41.0)
+    assert rows.loc[1.0, "best alpha"] == 0.25 and rows.loc[1.0, "n"] == 0
+    assert math.isnan(rows.loc[1.0, "circle"]) and math.isnan(rows.loc[1.0, "square"])
+    assert rows.loc[5.0, "n"] == 1 and rows.loc[5.0, "circle"] == pytest.approx(30.0)
+    assert math.isnan(rows.loc[5.0, "square"])
+    assert rows.loc[0.5, "n"] == 0 and math.isnan(rows.loc[0.5, "circle"])  # missing row
+    # the table's own columns are unchanged
+    assert not any(c.startswith("_cat") or c == "circle" for c in t.rows.columns)
+
+    csv = pd.read_csv(out / "table_1b_per_category.csv").set_index("gamma")
+    assert csv.loc[2.0, "circle"] == pytest.approx(15.0) and math.isnan(csv.loc[1.0, "circle"])
+    assert len(csv) == len(t.rows)
+    assert "square" not in pd.read_csv(out / "table_1b.csv").columns
+    md = (out / "table_1b.md").read_text()
+    assert md == to_markdown(t) and "#### Per-category AP" in report.markdown
+    assert "| gamma | best alpha | runs | circle | square |" in md
+    assert "| 2 | 0.25 | 2 | 15.0 | 41.0 |" in md
+    assert "| 1 | 0.25 | 0 | — | — |" in md
+    assert "| 0.5 |" not in md.split("#### Per-category AP")[1]  # no finished run: not shown
+    assert "gamma 1, best alpha 0.25: no per-category AP in its 1 finished run" in md
+    assert "gamma 5, best alpha 0.25: per-category AP from 1 of its 2 finished runs" in md
+    assert "<h3>Per-category AP</h3>" in (out / "index.html").read_text()
+    fig = out / "figures" / "per_category_1b.png"
+    assert fig in report.files and fig.stat().st_size > 1000
+
+
+def test_a_table_without_per_category_metrics_says_so(store: Store, tmp_path: Path) -> None:
+    out = tmp_path / "r"
+    report = build_report(tracking_uri=store.uri, table="1a", out=out)
+    t = report.tables["1a"]
+    assert list(t.per_category.columns) == ["alpha", "n"]
+    assert list(t.per_category["alpha"]) == list(t.rows["alpha"])
+    assert (t.per_category["n"] == 0).all()
+    assert "No run of this table logged per-category AP" in report.markdown
+    assert list(pd.read_csv(out / "table_1a_per_category.csv").columns) == ["alpha", "n"]
+    assert not (out / "figures" / "per_category_1a.png").exists()

@@ -2,8 +2,9 @@
 
 `build_report(...)` is the library function behind the command (and `make demo`): it reads the
 runs from MLflow, builds every table that has runs (or the ones asked for), writes Markdown,
-LaTeX, CSV and HTML per table, the figures and an `index.html`, logs the files as artifacts of the
-sweep's MLflow parent run, and returns the Markdown text and the paths written.
+LaTeX, CSV and HTML per table (and each table's per-category AP: a Markdown/HTML section,
+`table_<id>_per_category.csv`, a heatmap), the figures and an `index.html`, logs the files as
+artifacts of the sweep's MLflow parent run, and returns the Markdown text and the paths written.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from .core import (
     load_paper,
     load_runs,
     load_specs,
+    per_category_columns,
     resolve_cross_checks,
     runs_of_table,
     tables_of,
@@ -221,6 +223,14 @@ def _figures(tables: list[Table], paper: pd.DataFrame, fig_dir: Path, figures) -
             )
         elif t.spec.id == "1e" and "ms_per_image" in rows:
             out += figures.speed_accuracy(fig_dir / "speed_accuracy", rows, p)
+    for t in tables:  # every table: its per-category AP (none drawn when no run logged it)
+        out += figures.per_category_heatmap(
+            fig_dir / f"per_category_{t.spec.id}",
+            t.per_category,
+            row_columns=t.spec.row_names,
+            categories=per_category_columns(t),
+            title=f"{t.spec.title}: AP per category",
+        )
     return out
 
 

@@ -6,6 +6,8 @@ failure shows) -> `build_table(spec, runs, paper)` (rows keyed by the spec's par
 experiment, `one_experiment_per_row`: the settings of its latest finished run, one run per seed;
 seeds aggregated as mean ± std with n, best-over selection, paper match in the paper's row order,
 difference, Spearman, headline checks). Every table is described by data (`tables.yaml`), not by code.
+Beside each table, its per-category AP (`Table.per_category`): the `AP-<category name>` metrics of
+the same runs as each row's AP, averaged over the same seeds.
 """
 
 from __future__ import annotations
@@ -36,11 +38,16 @@ __all__ = [
     "tables_of",
     "latest_per_config",
     "build_table",
+    "per_category_columns",
     "METHOD_NAMES",
+    "CATEGORY_METRIC_PREFIX",
 ]
 
 METHOD_NAMES = {"focal": "FL", "ohem": "OHEM", "ohem_1to3": "OHEM 1:3", "random_1to3": "random 1:3"}
 OK = "ok"
+# Per-category AP as each training run logs it (`evaluation.per_category_metrics`), as a column of
+# `mlflow.search_runs`' frame: `metrics.AP-<category name>`.
+CATEGORY_METRIC_PREFIX = "metrics.AP-"
 
 
 @dataclass
@@ -58,6 +65,11 @@ class TableSpec:
     def key_names(self) -> list[str]:
         return [k["name"] for k in self.keys]
 
+    @property
+    def row_names(self) -> list[str]:
+        """The columns that name a row of the table: its keys, then its best_over params."""
+        return self.key_names + [b["name"] for b in self.best_over]
+
 
 @dataclass
 class Table:
@@ -73,6 +85,12 @@ class Table:
     precisions: dict[str, int] = field(default_factory=dict)
     # Runs left out of a row (other settings than the row's experiment, repeats of a seed).
     notes: list[str] = field(default_factory=list)
+    # Per-category AP, one row per row of `rows` (same order): the row columns
+    # (`spec.row_names`), `n` (how many of the row's finished runs logged per-category AP: fewer
+    # than the row's `n` when some predate it) and one column per category (AP in points, mean
+    # over those runs; NaN where none has a value), categories in name order
+    # (`per_category_columns`).
+    per_category: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 def load_specs(path: str | Path | None = None) -> dict[str, TableSpec]:
@@ -386,6 +404,45 @@ def _aggregate(group: pd.DataFrame, metrics: list[str]) -> dict[str, Any]:
     return out
 
 
+def _category_means(group: pd.DataFrame) -> tuple[int, dict[str, float]]:
+    """The per-category AP of one cell: over its finished runs (those `_aggregate` averages)
+    that logged any `AP-<name>` metric, the mean per category of the runs that have it. Returns
+    how many runs that is and ``{category name: mean AP}``, categories without a value left out."""
+    ok = group[group["state"] == OK]
+    cols = [c for c in ok.columns if c.startswith(CATEGORY_METRIC_PREFIX)]
+    if ok.empty or not cols:
+        return 0, {}
+    values = ok[cols].apply(pd.to_numeric, errors="coerce")
+    values = values[values.notna().any(axis=1)]
+    means = values.mean()  # per column, NaN skipped; NaN when no run has the category
+    n = len(CATEGORY_METRIC_PREFIX)
+    return len(values), {c[n:]: float(v) for c, v in means.items() if not math.isnan(v)}
+
+
+def _per_category_frame(spec: TableSpec, rows: pd.DataFrame) -> pd.DataFrame:
+    """`Table.per_category` from the table's final rows (their `_cat_n` and `_cats` columns, set
+    per cell by `_category_means`; absent for a paper row without runs)."""
+    names = spec.row_names
+    if rows.empty:
+        return pd.DataFrame(columns=[*names, "n"])
+    out = pd.DataFrame({n: rows[n] if n in rows else None for n in names}, index=rows.index)
+    counts = rows["_cat_n"] if "_cat_n" in rows else pd.Series(0, index=rows.index)
+    out["n"] = counts.fillna(0).astype(int)
+    cats = [c if isinstance(c, dict) else {} for c in rows.get("_cats", [None] * len(rows))]
+    taken = {*names, "n"}
+    for cat in sorted({k for c in cats for k in c}):
+        # A category named like a row column (or `n`) keeps its metric name instead.
+        col = f"AP-{cat}" if cat in taken else cat
+        out[col] = [c.get(cat, math.nan) for c in cats]
+    return out.reset_index(drop=True)
+
+
+def per_category_columns(table: Table) -> list[str]:
+    """The category columns of `table.per_category` (every column but the row columns and `n`)."""
+    fixed = {*table.spec.row_names, "n"}
+    return [c for c in table.per_category.columns if c not in fixed]
+
+
 def _paper_rows(spec: TableSpec, paper: pd.DataFrame) -> pd.DataFrame:
     p = paper[paper["table"] == spec.paper["table"]].copy()
     rename = {src: dst for src, dst in spec.paper["match"].items()}
@@ -429,6 +486,8 @@ def build_table(spec: TableSpec, runs: pd.DataFrame, paper: pd.DataFrame | None)
             rec = dict(zip(group_cols, [group.iloc[0][c] for c in group_cols], strict=True))
             rec["_key"] = gkey[: len(names)]
             rec.update(_aggregate(group, spec.metrics))
+            # From the same runs as the row's AP (for best_over: the cell's, kept or not below).
+            rec["_cat_n"], rec["_cats"] = _category_means(group)
             records.append(rec)
     ours = pd.DataFrame(records)
     if best_names and not ours.empty:
@@ -473,6 +532,9 @@ def build_table(spec: TableSpec, runs: pd.DataFrame, paper: pd.DataFrame | None)
         merged = ours
     if not merged.empty:
         merged = _sort_rows(merged, spec)
+    merged = merged.reset_index(drop=True)
+    per_category = _per_category_frame(spec, merged)
+    merged = merged.drop(columns=[c for c in ("_cat_n", "_cats") if c in merged])
     rho, n_rho = _spearman(merged)
     checks = run_checks(spec, merged)
     n_runs = 0 if runs.empty else len(runs)
@@ -486,7 +548,7 @@ def build_table(spec: TableSpec, runs: pd.DataFrame, paper: pd.DataFrame | None)
         precisions = {str(k): int(v) for k, v in counts.sort_index().items()}
     return Table(
         spec,
-        merged.reset_index(drop=True),
+        merged,
         rho,
         n_rho,
         checks,
@@ -494,6 +556,7 @@ def build_table(spec: TableSpec, runs: pd.DataFrame, paper: pd.DataFrame | None)
         n_runs,
         precisions,
         notes,
+        per_category,
     )
 
 

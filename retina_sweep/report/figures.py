@@ -3,6 +3,7 @@
 - `focal_loss_curves`: the paper's Figure 1, FL(p_t) = -(1 - p_t)^gamma log(p_t).
 - `ap_vs_param`: AP against alpha (CE, Table 1(a)) or gamma (FL, Table 1(b)) from the runs.
 - `speed_accuracy`: AP against inference ms per image (Table 1(e)), like the paper's Figure 2.
+- `per_category_heatmap`: per-category AP of a table's rows (rows x categories), any table.
 - `loss_cdf` / `plot_loss_cdf`: the paper's Figure 4, the cumulative distribution of the
   normalised focal loss over positive and over negative anchors, for several gamma.
 - `loss_shares`: the same predictions as numbers: how much of the loss each gamma puts on the
@@ -29,6 +30,7 @@ __all__ = [
     "focal_loss_curves",
     "ap_vs_param",
     "speed_accuracy",
+    "per_category_heatmap",
     "loss_cdf",
     "loss_shares",
     "loss_shares_markdown",
@@ -121,6 +123,57 @@ def speed_accuracy(path: Path, rows: pd.DataFrame, paper: pd.DataFrame | None) -
         ax2.legend()
     fig.suptitle("Speed / accuracy (cf. Fig. 2 of the paper)")
     return _save(fig, path)
+
+
+def per_category_heatmap(
+    path: Path,
+    frame: pd.DataFrame,
+    *,
+    row_columns: Sequence[str],
+    categories: Sequence[str],
+    title: str = "",
+) -> list[Path]:
+    """Per-category AP as a heatmap, one row per row of `frame` that has a value, one column per
+    category; each cell annotated with its AP when the grid is small enough to read.
+
+    Args:
+        frame: R rows, a table's `per_category` frame (`core.Table.per_category`): the
+            `row_columns` name each row (e.g. ``gamma 2, best alpha 0.25``), the `categories`
+            columns hold AP in points, NaN where no run has a value (drawn blank, never filled).
+        row_columns: the columns that label a row.
+        categories: the category columns, drawn left to right in this order.
+
+    Returns the PNG and PDF paths; none when no cell has a value.
+    """
+    values = frame[list(categories)].apply(pd.to_numeric, errors="coerce")
+    keep = values.notna().any(axis=1)
+    if not len(categories) or not keep.any():
+        return []
+    values, rows = values[keep], frame[keep]
+    labels = [
+        ", ".join(f"{c} {_label_value(r[c])}" for c in row_columns) for _, r in rows.iterrows()
+    ]
+    n_rows, n_cats = values.shape
+    fig, ax = plt.subplots(figsize=(max(5.0, 2.5 + 0.45 * n_cats), max(2.5, 1.2 + 0.4 * n_rows)))
+    grid = np.ma.masked_invalid(values.to_numpy(dtype=float))
+    image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0.0, vmax=max(float(grid.max()), 1))
+    ax.set_xticks(range(n_cats), labels=[str(c) for c in categories], rotation=60, ha="right")
+    ax.set_yticks(range(n_rows), labels=labels)
+    if n_rows * n_cats <= 400:
+        mid = (float(grid.max()) + float(grid.min())) / 2
+        for (i, j), v in np.ndenumerate(values.to_numpy(dtype=float)):
+            if not math.isnan(v):
+                color = "black" if v > mid else "white"
+                ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=7, color=color)
+    fig.colorbar(image, ax=ax, label="AP")
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def _label_value(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    return f"{v:g}" if isinstance(v, float) else str(v)
 
 
 # loss_shares' defaults: "easy" = every class probability below this; the share of the

@@ -1,4 +1,8 @@
-"""Render report tables as Markdown, LaTeX (booktabs), CSV and HTML, and the index page."""
+"""Render report tables as Markdown, LaTeX (booktabs), CSV and HTML, and the index page.
+
+Each table's per-category AP (`Table.per_category`) is a section of its Markdown and HTML and its
+own CSV, `table_<id>_per_category.csv`.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +13,18 @@ from typing import Any
 
 import pandas as pd
 
-from .core import Table
+from .core import Table, per_category_columns
 
-__all__ = ["display_frame", "to_markdown", "to_latex", "to_html", "write_table", "write_index"]
+__all__ = [
+    "display_frame",
+    "per_category_display",
+    "per_category_markdown",
+    "to_markdown",
+    "to_latex",
+    "to_html",
+    "write_table",
+    "write_index",
+]
 
 
 def _num(v: Any, digits: int = 1) -> str:
@@ -60,6 +73,74 @@ def display_frame(table: Table) -> pd.DataFrame:
         cols["Δ AP"] = ["—" if math.isnan(v) else f"{v:+.1f}" for v in df["Δ AP"].astype(float)]
     cols["runs"] = [str(state) for state in df["state"]]
     return pd.DataFrame(cols)
+
+
+def per_category_display(table: Table) -> pd.DataFrame:
+    """`table.per_category` as strings, for the rows with a finished run (a `missing` or failed
+    row has no AP to break down; the CSV keeps every row): the row columns, `runs` (how many runs
+    the values average), then one column per category (AP, one decimal; — where no run has a
+    value). Empty when no run of the table logged per-category AP."""
+    df = table.per_category
+    cats = per_category_columns(table)
+    if df.empty or not cats:
+        return pd.DataFrame()
+    finished = table.rows["n"].to_numpy() > 0 if "n" in table.rows else df["n"].to_numpy() > 0
+    df = df[finished]
+    cols: dict[str, list[str]] = {n: [_key(v) for v in df[n]] for n in table.spec.row_names}
+    cols["runs"] = [str(int(v)) for v in df["n"]]
+    for c in cats:
+        cols[c] = [_num(float(v)) for v in df[c]]
+    return pd.DataFrame(cols)
+
+
+PER_CATEGORY_INTRO = (
+    "COCO AP (IoU .50:.95, points) per category, from the `AP-<category>` metrics of the same "
+    "runs as the row's AP, mean over the same seeds: a setting can cost some classes far more "
+    "than its mean AP shows (e.g. small objects with 1 anchor scale per octave). Rows without a "
+    "finished run are not shown."
+)
+
+
+def _per_category_notes(table: Table) -> list[str]:
+    """Rows whose per-category AP averages fewer runs than their AP (runs from before it was
+    logged)."""
+    rows, pc = table.rows, table.per_category
+    if rows.empty or pc.empty or "n" not in rows:
+        return []
+    notes = []
+    for i in range(len(pc)):
+        n_all, n_cat = int(rows["n"].iloc[i]), int(pc["n"].iloc[i])
+        if n_cat < n_all:
+            label = ", ".join(f"{n} {_key(pc[n].iloc[i])}" for n in table.spec.row_names if n in pc)
+            runs = f"{n_all} finished run{'s' if n_all > 1 else ''}"
+            if n_cat == 0:
+                notes.append(f"{label}: no per-category AP in its {runs} (older runs)")
+            else:
+                notes.append(f"{label}: per-category AP from {n_cat} of its {runs}")
+    return notes
+
+
+def per_category_markdown(table: Table) -> list[str]:
+    """The per-category section of a table's Markdown, as lines (none for a table without runs)."""
+    if table.rows.empty:
+        return []
+    out = ["#### Per-category AP", ""]
+    df = per_category_display(table)
+    if df.empty:
+        out.append(
+            "_No run of this table logged per-category AP (`AP-<category>` metrics; runs trained "
+            "before they were logged have none)._"
+        )
+        return out
+    out += [PER_CATEGORY_INTRO, ""]
+    out.append("| " + " | ".join(df.columns) + " |")
+    out.append("|" + "|".join("---" for _ in df.columns) + "|")
+    out += ["| " + " | ".join(row) + " |" for row in df.itertuples(index=False)]
+    notes = _per_category_notes(table)
+    if notes:
+        out.append("")
+        out += [f"- {line}" for line in notes]
+    return out
 
 
 def _is_metric_col(col: str) -> bool:
@@ -130,6 +211,9 @@ def to_markdown(table: Table) -> str:
         "experiment per row (the settings of its latest finished run); paper: Lin et al., "
         "Focal Loss for Dense Object Detection, Table 1 (COCO minival, ResNet-50/101-FPN)._"
     )
+    section = per_category_markdown(table)
+    if section:
+        out += ["", *section]
     return "\n".join(out) + "\n"
 
 
@@ -197,6 +281,14 @@ def to_html(table: Table) -> str:
         if table.paper_reference is not None:
             body.append("<p>None of our rows has the paper's settings; the paper's rows:</p>")
             body.append(table.paper_reference.to_html(index=False, border=0, na_rep="—"))
+        per_cat = per_category_display(table)
+        if not per_cat.empty:
+            body.append("<h3>Per-category AP</h3>")
+            body.append(f"<p>{_md_inline(PER_CATEGORY_INTRO)}</p>")
+            body.append(per_cat.to_html(index=False, escape=True, border=0))
+            notes = _per_category_notes(table)
+            if notes:
+                body.append("<ul>" + "".join(f"<li>{_md_inline(x)}</li>" for x in notes) + "</ul>")
     return _page(table.spec.title, "\n".join(body))
 
 
@@ -228,6 +320,9 @@ def write_table(table: Table, out_dir: Path, formats: list[str]) -> list[Path]:
         table.rows.drop(columns=[c for c in table.rows.columns if c.startswith("_")]).to_csv(
             written[-1], index=False
         )
+        # One row per row of the table above, one column per category (see Table.per_category).
+        written.append(out_dir / f"{stem}_per_category.csv")
+        table.per_category.to_csv(written[-1], index=False)
     if "html" in formats:
         written.append(out_dir / f"{stem}.html")
         written[-1].write_text(to_html(table))
@@ -271,7 +366,8 @@ def write_index(
         parts.append(to_html(t).split("<body>", 1)[1].rsplit("</body>", 1)[0])
         parts.append(
             f"<p>Files: <a href='{link}'>html</a> · <a href='table_{t.spec.id}.md'>md</a> · "
-            f"<a href='table_{t.spec.id}.tex'>tex</a> · <a href='table_{t.spec.id}.csv'>csv</a></p>"
+            f"<a href='table_{t.spec.id}.tex'>tex</a> · <a href='table_{t.spec.id}.csv'>csv</a> · "
+            f"<a href='table_{t.spec.id}_per_category.csv'>per-category csv</a></p>"
         )
     if studies:
         from .studies import study_html
