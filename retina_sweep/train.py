@@ -806,7 +806,7 @@ def _run_worker(cfg: DictConfig, *, rank: int, world_size: int, local_rank: int)
     final |= {k: metrics[k] for k in ("num_images", "num_detections") if k in metrics}
     final["time_total_s"] = time.perf_counter() - t_start
     tracker.log_metrics(final, step=int(cfg.train.iterations))
-    # Per-category AP as `AP-<name>` (not in `final`: no objective, not in the report's tables).
+    # Per-category AP as `AP-<name>` (not in `final`: no objective, the report shows them under each table).
     from .evaluation import per_category_metrics, per_category_table
 
     per_category = metrics.get("per_category_AP") or {}
