@@ -45,6 +45,13 @@ __all__ = [
 _pending: list[KeyboardInterrupt] = []
 # Open `deferred()` blocks: a handler then records its interrupt without raising it.
 _defer_depth = [0]
+# Interrupts of `_pending` that a finalizer swallowed (`_quiet_unraisable`) and that no
+# `raise_pending` has raised again since.
+_swallowed: list[KeyboardInterrupt] = []
+
+
+def _is_in(exc: BaseException, excs: list[KeyboardInterrupt]) -> bool:
+    return any(exc is e for e in excs)
 
 
 @contextmanager
@@ -90,6 +97,7 @@ def raise_pending() -> None:
     """
     interrupt = pending()
     if interrupt is not None:
+        _swallowed[:] = [e for e in _swallowed if e is not interrupt]
         raise interrupt
 
 
@@ -134,7 +142,9 @@ def _quiet_unraisable(previous: object) -> object:
 
     def hook(unraisable: object) -> None:
         exc = getattr(unraisable, "exc_value", None)
-        if exc is not None and any(exc is p for p in _pending):
+        if exc is not None and _is_in(exc, _pending):
+            if not _is_in(exc, _swallowed):
+                _swallowed.append(exc)
             return
         previous(unraisable)  # type: ignore[operator]
 
@@ -151,8 +161,11 @@ def terminate_as_interrupt(*, grace_s: float = 0.0) -> Iterator[None]:
     killed (SIGKILL still ends it). With ``grace_s > 0`` the handler first forwards the signal to
     the process's child processes and waits ``grace_s`` seconds (see the module docstring). A
     signal the process ignores (SIGINT of a background job) stays ignored. The previous handlers
-    are restored after the block. Python delivers signals to the main thread only, so elsewhere
-    (a trial run in a thread pool) this does nothing.
+    are restored after the block. An interrupt whose raise a finalizer swallowed (the handler
+    ran inside it) and that no `raise_pending` raised again is raised when the block would
+    otherwise end normally, after the handlers are restored: a signal is never lost. Python delivers
+    signals to the main thread only, so elsewhere (a trial run in a thread pool) this does
+    nothing.
     """
     check_grace(grace_s, key="grace_s")
     if threading.current_thread() is not threading.main_thread():
@@ -180,9 +193,16 @@ def terminate_as_interrupt(*, grace_s: float = 0.0) -> Iterator[None]:
     sys.unraisablehook = _quiet_unraisable(previous_hook)
     try:
         yield
+        # The block ended normally, yet a handler's raise was swallowed by a finalizer after the
+        # block's last `raise_pending`: the signal is not lost, it ends the block. (An interrupt
+        # that reached code which caught it on purpose, to record a run, is not raised again.)
+        unraised = [e for e in _pending[depth:] if _is_in(e, _swallowed)]
     finally:
         sys.unraisablehook = previous_hook
+        _swallowed[:] = [e for e in _swallowed if not _is_in(e, _pending[depth:])]
         del _pending[depth:]
         # getsignal() returns None for a handler not installed from Python: put the default back.
         for s, old in previous.items():
             signal.signal(s, old if old is not None else signal.SIG_DFL)
+    if unraised:
+        raise unraised[-1]

@@ -226,3 +226,25 @@ def test_an_interrupt_swallowed_by_a_finalizer_is_not_printed_but_raised_again(
             raise_pending()
     assert [type(e) for e in seen] == [ValueError]
     assert sys.unraisablehook is recorder
+
+
+def test_an_interrupt_swallowed_after_the_last_check_ends_the_block(
+    sentinel_handler, monkeypatch
+) -> None:
+    """A handler that runs in a finalizer after the block's last `raise_pending` (its work done,
+    say a trial recorded) had its signal lost: the block ended normally and the process went on
+    (a sweep to its next cell). It is now raised as the block ends, with the handler restored."""
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: None)
+
+    class SignalOnCollect:
+        def __del__(self):
+            _signal_self(signal.SIGTERM)
+
+    reached = []
+    with pytest.raises(Terminated, match="SIGTERM"):
+        with terminate_as_interrupt():
+            obj = SignalOnCollect()
+            del obj  # the handler's Terminated is swallowed by the finalizer
+            reached.append("end of block")
+    assert reached == ["end of block"]  # the block's own code was not cut short
+    assert signal.getsignal(signal.SIGTERM) is _sentinel
