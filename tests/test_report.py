@@ -21,7 +21,7 @@ from retina_sweep.report.core import (
     per_category_columns,
 )
 from retina_sweep.report.figures import loss_cdf, loss_shares, loss_shares_markdown
-from retina_sweep.report.render import to_latex, to_markdown
+from retina_sweep.report.render import per_category_latex, to_latex, to_markdown
 
 
 class Store:
@@ -882,6 +882,17 @@ def test_per_category_ap_uses_the_rows_runs_seeds_averaged(tmp_path: Path) -> No
     assert "gamma 1, best alpha 0.25: no per-category AP in its 1 finished run" in md
     assert "gamma 5, best alpha 0.25: per-category AP from 1 of its 2 finished runs" in md
     assert "<h3>Per-category AP</h3>" in (out / "index.html").read_text()
+    # LaTeX: transposed, one column per row with a finished run (gammas 1, 2, 5 in table order)
+    tex = (out / "table_1b_per_category.tex").read_text()
+    assert tex == per_category_latex(t)
+    assert (
+        r"category & gamma 1, best alpha 0.25 & gamma 2, best alpha 0.25 & gamma 5, best alpha 0.25 \\"
+        in tex
+    )
+    assert r"runs & 0 & 2 & 1 \\" in tex
+    assert r"circle & -- & 15.0 & 30.0 \\" in tex
+    assert r"square & -- & 41.0 & -- \\" in tex
+    assert r"\begin{tabular}{lrrr}" in tex
     fig = out / "figures" / "per_category_1b.png"
     assert fig in report.files and fig.stat().st_size > 1000
 
@@ -895,4 +906,5 @@ def test_a_table_without_per_category_metrics_says_so(store: Store, tmp_path: Pa
     assert (t.per_category["n"] == 0).all()
     assert "No run of this table logged per-category AP" in report.markdown
     assert list(pd.read_csv(out / "table_1a_per_category.csv").columns) == ["alpha", "n"]
+    assert (out / "table_1a_per_category.tex").read_text().startswith("% ")
     assert not (out / "figures" / "per_category_1a.png").exists()

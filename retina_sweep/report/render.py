@@ -1,7 +1,8 @@
 """Render report tables as Markdown, LaTeX (booktabs), CSV and HTML, and the index page.
 
-Each table's per-category AP (`Table.per_category`) is a section of its Markdown and HTML and its
-own CSV, `table_<id>_per_category.csv`.
+Each table's per-category AP (`Table.per_category`) is a section of its Markdown and HTML, and
+its own CSV and LaTeX files, `table_<id>_per_category.{csv,tex}` (the LaTeX one transposed:
+categories down, the table's rows across).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from .core import Table, per_category_columns
 __all__ = [
     "display_frame",
     "per_category_display",
+    "per_category_latex",
     "per_category_markdown",
     "to_markdown",
     "to_latex",
@@ -234,25 +236,51 @@ def _tex_escape(s: str) -> str:
     return s
 
 
-def to_latex(table: Table) -> str:
-    df = display_frame(table)
-    if df.empty:
-        return f"% {table.spec.title}: no runs yet\n"
+def _latex_table(df: pd.DataFrame, caption: str) -> str:
+    """A booktabs `table` of string cells, first column left-aligned, the others right."""
     lines = [
         r"\begin{table}[t]",
         r"\centering",
-        r"\begin{tabular}{" + "l" * len(df.columns) + "}",
+        r"\begin{tabular}{l" + "r" * (len(df.columns) - 1) + "}",
         r"\toprule",
-        " & ".join(_tex_escape(c) for c in df.columns) + r" \\",
+        " & ".join(_tex_escape(str(c)) for c in df.columns) + r" \\",
         r"\midrule",
     ]
     lines += [
         " & ".join(_tex_escape(v) for v in row) + r" \\" for row in df.itertuples(index=False)
     ]
     lines += [r"\bottomrule", r"\end{tabular}"]
-    lines.append(r"\caption{" + _tex_escape(table.spec.title) + "}")
+    lines.append(r"\caption{" + _tex_escape(caption) + "}")
     lines.append(r"\end{table}")
     return "\n".join(lines) + "\n"
+
+
+def to_latex(table: Table) -> str:
+    df = display_frame(table)
+    if df.empty:
+        return f"% {table.spec.title}: no runs yet\n"
+    return _latex_table(df, table.spec.title)
+
+
+def per_category_latex(table: Table) -> str:
+    """The table's per-category AP as LaTeX, transposed: one row per category and one column per
+    row of the table with a finished run (COCO's 80 categories would not fit across a page), the
+    first body row the number of runs each column averages. A comment line when no run logged
+    per-category AP."""
+    df = per_category_display(table)
+    if df.empty:
+        return f"% {table.spec.title}: no run logged per-category AP\n"
+    names = list(table.spec.row_names)
+    heads = [
+        ", ".join(f"{n} {v}" for n, v in zip(names, row, strict=True))
+        for row in df[names].itertuples(index=False)
+    ]
+    cats = [c for c in df.columns if c not in names and c != "runs"]
+    body = {"category": ["runs", *cats]}
+    for j, head in enumerate(heads):
+        body[head] = [df["runs"].iloc[j], *(df[c].iloc[j] for c in cats)]
+    caption = f"{table.spec.title}: COCO AP per category (points), mean over the row's runs"
+    return _latex_table(pd.DataFrame(body), caption)
 
 
 CSS = """
@@ -315,6 +343,8 @@ def write_table(table: Table, out_dir: Path, formats: list[str]) -> list[Path]:
     if "tex" in formats:
         written.append(out_dir / f"{stem}.tex")
         written[-1].write_text(to_latex(table))
+        written.append(out_dir / f"{stem}_per_category.tex")
+        written[-1].write_text(per_category_latex(table))
     if "csv" in formats:
         written.append(out_dir / f"{stem}.csv")
         table.rows.drop(columns=[c for c in table.rows.columns if c.startswith("_")]).to_csv(
