@@ -590,6 +590,38 @@ def test_an_optuna_study_is_reported_against_its_grid_table(tmp_path: Path) -> N
     assert build_report(tracking_uri=s.uri, table="1b", out=tmp_path / "r2").studies == []
 
 
+def test_a_studys_best_trial_shows_its_per_category_ap_beside_the_grids_best_row(
+    tmp_path: Path,
+) -> None:
+    s = Store(tmp_path)
+    # Grid best row: gamma 1, alpha .5 over two seeds (circle 10 / 20 -> 15; square on seed 1
+    # only); a worse row with other per-category values must not be the one compared.
+    for (gamma, alpha), runs in {
+        (1.0, 0.5): ((30.0, {"AP-circle": 10.0}), (34.0, {"AP-circle": 20.0, "AP-square": 50.0})),
+        (2.0, 0.25): ((28.0, {"AP-circle": 90.0, "AP-square": 90.0}),),
+    }.items():
+        for seed, (ap, cats) in enumerate(runs):
+            p = {"loss.gamma": gamma, "loss.alpha": alpha, "train.iterations": 400}
+            s.run(table="1b", sweep="gamma", params=p, ap=ap, seed=seed, extra=cats)
+    for number, ap, cats in ((0, 10.0, {"AP-circle": 99.0}), (1, 36.0, {"AP-circle": 18.5})):
+        p = {"loss.alpha": 0.3 + number, "loss.gamma": 1.5, "train.iterations": 400}
+        tags = {"optuna_trial": str(number)}
+        s.run(table="hpo", sweep="study_a", params=p, ap=ap, tags=tags, extra=cats)
+    out = tmp_path / "r"
+    (study,) = build_report(tracking_uri=s.uri, table="hpo", out=out).studies
+    pc = study.per_category.set_index("category")
+    assert list(pc.index) == ["circle", "square"]
+    assert pc.loc["circle", "best trial"] == pytest.approx(18.5)  # trial 1's run, not trial 0's
+    assert pc.loc["circle", "grid best"] == pytest.approx(15.0)
+    assert pc.loc["circle", "Δ"] == pytest.approx(3.5)
+    assert math.isnan(pc.loc["square", "best trial"]) and pc.loc["square", "grid best"] == 50.0
+    md = (out / "study_study_a.md").read_text()
+    assert "| category | best trial 1 | Table 1b best row | Δ |" in md
+    assert "| circle | 18.5 | 15.0 | +3.5 |" in md
+    assert "| square | — | 50.0 | — |" in md
+    assert "best trial 1</th>" in (out / "index.html").read_text()
+
+
 def test_a_studys_grid_compute_counts_the_cells_its_table_keeps(tmp_path: Path) -> None:
     """A run of other settings in a grid row (here a 50-iteration probe) is left out of the
     table, so it is not a cell of the grid the study is measured against either."""

@@ -25,6 +25,7 @@ from .core import (
     OK,
     Table,
     TableSpec,
+    _category_means,
     _key_value,
     _norm,
     _parse,
@@ -62,6 +63,10 @@ class Study:
     # compute_budget, ...; empty when the parent recorded none.
     setup: dict[str, Any] = field(default_factory=dict)
     compare: str | None = None  # the grid table id it competes with (tables.yaml `studies:`)
+    # Per-category AP (points): `category`, `best trial` (the best trial's own run), `grid best`
+    # (the compared table's best row, mean over its runs, as in `Table.per_category`), `Δ`
+    # (best trial - grid best); NaN where a side has no value. Empty when neither logged any.
+    per_category: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 def load_study_specs() -> dict[str, dict[str, Any]]:
@@ -212,7 +217,64 @@ def build_study(
                 "cells": cells,
                 "iterations": grid_iters,
             }
-    return Study(name, table, params, rows, iterations, best, ref, dict(setup or {}), compare)
+    per_category = _study_per_category(
+        runs[runs["_trial"] == best["trial"]] if best else None,
+        reference if ref is not None else None,
+        metric,
+    )
+    return Study(
+        name, table, params, rows, iterations, best, ref, dict(setup or {}), compare, per_category
+    )
+
+
+def _study_per_category(
+    best_run: pd.DataFrame | None, reference: Table | None, metric: str
+) -> pd.DataFrame:
+    """`Study.per_category`: the best trial's `AP-<category>` metrics beside those of the
+    compared table's best row (the row `build_study` takes as its reference)."""
+    ours = _category_means(best_run)[1] if best_run is not None else {}
+    theirs: dict[str, float] = {}
+    if reference is not None and not reference.per_category.empty:
+        ok = reference.rows[reference.rows[metric].notna()]
+        pos = reference.rows.index.get_loc(ok[metric].idxmax())
+        fixed = {*reference.spec.row_names, "n"}
+        row = reference.per_category.iloc[pos]
+        for col in reference.per_category.columns:
+            if col not in fixed and pd.notna(row[col]):
+                theirs[col] = float(row[col])
+    cats = sorted({*ours, *theirs})
+    if not cats:
+        return pd.DataFrame()
+    frame = pd.DataFrame(
+        {
+            "category": cats,
+            "best trial": [ours.get(c, math.nan) for c in cats],
+            "grid best": [theirs.get(c, math.nan) for c in cats],
+        }
+    )
+    frame["Δ"] = frame["best trial"] - frame["grid best"]
+    return frame
+
+
+def per_category_markdown(study: Study) -> list[str]:
+    """The study's per-category lines (none when no run logged per-category AP)."""
+    pc = study.per_category
+    if pc.empty or study.best is None:
+        return []
+    grid = f"Table {study.reference['table']} best row" if study.reference else "grid best"
+    cols = ["category", f"best trial {study.best['trial']}", grid, "Δ"]
+    out = [
+        "",
+        "Per-category AP (points) of the best trial's run beside the grid's best row (mean over "
+        "its runs): where the searched setting gains or loses.",
+        "",
+        "| " + " | ".join(cols) + " |",
+        "|" + "|".join("---" for _ in cols) + "|",
+    ]
+    for r in pc.itertuples(index=False):
+        delta = "—" if math.isnan(r[3]) else f"{r[3]:+.1f}"
+        out.append(f"| {r[0]} | {_f(r[1])} | {_f(r[2])} | {delta} |")
+    return out
 
 
 def setup_text(setup: dict[str, Any]) -> str:
@@ -303,6 +365,7 @@ def study_markdown(study: Study, metric: str = "AP") -> str:
             f"- no finished runs of Table {study.compare}'s grid in this store, so no comparison "
             "with it (run its sweep into the same MLflow store, e.g. `+sweep=gamma` for 1b)"
         )
+    out += per_category_markdown(study)
     out.append("")
     return "\n".join(out)
 
@@ -372,4 +435,12 @@ def study_html(study: Study, metric: str = "AP") -> str:
         else study.rows.to_html(index=False, na_rep="—", float_format=lambda v: f"{v:.3g}")
     )
     items = "".join(f"<li>{b}</li>" for b in bullets)
-    return f"<h3>{html.escape(title)}</h3>{table}<ul>{items}</ul>"
+    per_cat = ""
+    if not study.per_category.empty and study.best is not None:
+        frame = study.per_category.rename(
+            columns={"best trial": f"best trial {study.best['trial']}"}
+        )
+        per_cat = "<p>Per-category AP (points), best trial vs the grid's best row</p>" + (
+            frame.to_html(index=False, na_rep="—", float_format=lambda v: f"{v:.1f}")
+        )
+    return f"<h3>{html.escape(title)}</h3>{table}<ul>{items}</ul>{per_cat}"
