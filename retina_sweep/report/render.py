@@ -275,7 +275,7 @@ def per_category_latex(table: Table) -> str:
         ", ".join(f"{n} {v}" for n, v in zip(names, row, strict=True))
         for row in df[names].itertuples(index=False)
     ]
-    cats = [c for c in df.columns if c not in names and c != "runs"]
+    cats = per_category_columns(table)
     body = {"category": ["runs", *cats]}
     for j, head in enumerate(heads):
         body[head] = [df["runs"].iloc[j], *(df[c].iloc[j] for c in cats)]

@@ -31,6 +31,7 @@ from .core import (
     _parse,
     latest_per_config,
     one_experiment_per_row,
+    per_category_columns,
     run_state,
 )
 
@@ -199,10 +200,19 @@ def build_study(
         }
 
     ref = None
+    ref_categories: dict[str, float] = {}
     if reference is not None and not reference.rows.empty and metric in reference.rows:
         ok = reference.rows[reference.rows[metric].notna()]
         if not ok.empty:
             top = ok.loc[ok[metric].idxmax()]
+            if not reference.per_category.empty:
+                # `Table.per_category` is aligned with `Table.rows` by position.
+                pc_row = reference.per_category.iloc[reference.rows.index.get_loc(top.name)]
+                ref_categories = {
+                    c: float(pc_row[c])
+                    for c in per_category_columns(reference)
+                    if pd.notna(pc_row[c])
+                }
             names = reference.spec.key_names + [b["name"] for b in reference.spec.best_over]
             cells, grid_iters = grid_compute(
                 reference.spec, reference_runs if reference_runs is not None else pd.DataFrame()
@@ -218,30 +228,17 @@ def build_study(
                 "iterations": grid_iters,
             }
     per_category = _study_per_category(
-        runs[runs["_trial"] == best["trial"]] if best else None,
-        reference if ref is not None else None,
-        metric,
+        runs[runs["_trial"] == best["trial"]] if best else None, ref_categories
     )
     return Study(
         name, table, params, rows, iterations, best, ref, dict(setup or {}), compare, per_category
     )
 
 
-def _study_per_category(
-    best_run: pd.DataFrame | None, reference: Table | None, metric: str
-) -> pd.DataFrame:
-    """`Study.per_category`: the best trial's `AP-<category>` metrics beside those of the
-    compared table's best row (the row `build_study` takes as its reference)."""
+def _study_per_category(best_run: pd.DataFrame | None, theirs: dict[str, float]) -> pd.DataFrame:
+    """`Study.per_category`: the best trial's `AP-<category>` metrics beside `theirs`, the
+    compared table's best row's per-category AP (`build_study` picks that row)."""
     ours = _category_means(best_run)[1] if best_run is not None else {}
-    theirs: dict[str, float] = {}
-    if reference is not None and not reference.per_category.empty:
-        ok = reference.rows[reference.rows[metric].notna()]
-        pos = reference.rows.index.get_loc(ok[metric].idxmax())
-        fixed = {*reference.spec.row_names, "n"}
-        row = reference.per_category.iloc[pos]
-        for col in reference.per_category.columns:
-            if col not in fixed and pd.notna(row[col]):
-                theirs[col] = float(row[col])
     cats = sorted({*ours, *theirs})
     if not cats:
         return pd.DataFrame()
